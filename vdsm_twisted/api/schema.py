@@ -1,0 +1,174 @@
+"""
+The one definition of the API: every method, its parameters and their types.
+
+Both protocols (STOMP/JSON-RPC and AMP), parameter validation and the
+generated reference (C{docs/API.md}) read this table; implementations are
+bound to it by name in L{vdsm_twisted.api.registry}.
+"""
+
+from __future__ import annotations
+
+import uuid as _uuid
+from typing import Any, Callable
+
+import attr
+
+from vdsm_twisted.api.errors import InvalidParams
+
+_MISSING = object()
+
+
+@attr.frozen
+class Type:
+    """A parameter type: a name for the docs and a checker for the wire."""
+
+    name: str
+    check: Callable[[Any], Any]
+
+    def validate(self, param: str, value: Any) -> Any:
+        try:
+            return self.check(value)
+        except (TypeError, ValueError) as e:
+            raise InvalidParams(f"parameter {param!r}: expected {self.name}: {e}") from None
+
+
+def _instance(*types: type, name: str) -> Type:
+    def check(value):
+        # bool is an int in Python; the wire distinguishes them.
+        if isinstance(value, bool) and bool not in types:
+            raise TypeError(f"got {type(value).__name__}")
+        if not isinstance(value, types):
+            raise TypeError(f"got {type(value).__name__}")
+        return value
+    return Type(name, check)
+
+
+def _uuid_check(value):
+    if not isinstance(value, str):
+        raise TypeError(f"got {type(value).__name__}")
+    return str(_uuid.UUID(value))
+
+
+STRING = _instance(str, name="string")
+INT = _instance(int, name="int")
+NUMBER = _instance(int, float, name="number")
+BOOL = _instance(bool, name="bool")
+DICT = _instance(dict, name="object")
+LIST = _instance(list, name="array")
+UUID = Type("uuid", _uuid_check)
+ANY = Type("any", lambda value: value)
+
+
+@attr.frozen
+class Param:
+    name: str
+    type: Type
+    doc: str
+    default: Any = _MISSING
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+
+@attr.frozen
+class Method:
+    """One API verb as VDSM names it (C{Namespace.verb})."""
+
+    namespace: str
+    verb: str
+    doc: str
+    params: tuple[Param, ...] = ()
+    returns: str = "true"
+    #: Safe to retry after a reconnect: the client library does so silently.
+    idempotent: bool = False
+    #: Answered while VM recovery is still running (others get code 99).
+    during_recovery: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.namespace}.{self.verb}"
+
+    def bind_params(self, params: Any) -> dict[str, Any]:
+        """Validate wire params (an object, an array, or null) into kwargs."""
+        if params is None:
+            params = {}
+        if isinstance(params, list):
+            if len(params) > len(self.params):
+                raise InvalidParams(
+                    f"{self.name} takes at most {len(self.params)} parameters, "
+                    f"got {len(params)}")
+            params = {p.name: v for p, v in zip(self.params, params)}
+        if not isinstance(params, dict):
+            raise InvalidParams("params must be an object or an array")
+        known = {p.name for p in self.params}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise InvalidParams(f"{self.name}: unknown parameter(s) {', '.join(unknown)}")
+        bound = {}
+        for p in self.params:
+            if p.name in params:
+                bound[p.name] = p.type.validate(p.name, params[p.name])
+            elif p.required:
+                raise InvalidParams(f"{self.name}: missing parameter {p.name!r}")
+            else:
+                bound[p.name] = p.default
+        return bound
+
+
+def _m(namespace, verb, doc, *params, **kw) -> Method:
+    return Method(namespace, verb, doc, tuple(params), **kw)
+
+
+VM_ID = Param("vmID", UUID, "The VM's uuid.")
+
+METHODS: tuple[Method, ...] = (
+    _m("Host", "ping2", "Liveness check: answers true as soon as the agent serves.",
+       idempotent=True, during_recovery=True),
+    _m("Host", "getCapabilities",
+       "What this host is: CPU model, flags and topology, memory, NUMA nodes, "
+       "KVM availability, QEMU and libvirt versions, kernel, hostname, host uuid.",
+       returns="object", idempotent=True, during_recovery=True),
+    _m("Host", "getStats",
+       "Host usage: CPU and memory use, load, uptime, per-NIC rx/tx rates "
+       "(from the background sampler).",
+       returns="object", idempotent=True, during_recovery=True),
+    _m("Host", "getVMList",
+       "The VMs this agent runs.",
+       Param("fullStatus", BOOL, "Return full VM definitions rather than ids.", False),
+       Param("vmList", LIST, "Restrict to these VM ids.", []),
+       Param("onlyUUID", BOOL, "Return bare uuids (VDSM's flag).", False),
+       returns="array", idempotent=True),
+)
+
+
+def by_name() -> dict[str, Method]:
+    return {m.name: m for m in METHODS}
+
+
+def render_markdown(methods: tuple[Method, ...] = METHODS) -> str:
+    """The API reference, generated from the table (docs/API.md)."""
+    out = ["# vdsm-twisted API", "",
+           "Generated from `vdsm_twisted/api/schema.py` "
+           "(`vdsm-twisted-tool api-doc`); do not edit by hand.", "",
+           "Every method is served over STOMP + JSON-RPC 2.0 (VDSM's wire) and "
+           "over AMP (`Call` command) on the same TLS port.", ""]
+    for namespace in sorted({m.namespace for m in methods}):
+        out += [f"## {namespace}", ""]
+        for m in sorted((m for m in methods if m.namespace == namespace), key=lambda m: m.verb):
+            flags = []
+            if m.idempotent:
+                flags.append("idempotent (retried by the client library)")
+            if m.during_recovery:
+                flags.append("answered during recovery")
+            out += [f"### `{m.name}`", "", m.doc, ""]
+            if m.params:
+                out += ["| parameter | type | required | default | meaning |",
+                        "|---|---|---|---|---|"]
+                for p in m.params:
+                    default = "" if p.required else f"`{p.default!r}`"
+                    out.append(f"| `{p.name}` | {p.type.name} | "
+                               f"{'yes' if p.required else 'no'} | {default} | {p.doc} |")
+                out.append("")
+            out += [f"Returns: {m.returns}." + (f" ({'; '.join(flags)})" if flags else ""), ""]
+    return "\n".join(out).rstrip() + "\n"

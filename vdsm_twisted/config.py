@@ -1,0 +1,76 @@
+"""
+The agent's configuration keys: the embedded defaults and their documentation.
+
+C{etc/vdsm.conf} is rendered from this list (C{vdsm-twisted-tool sample-config
+vdsm}) and a test keeps the two in step.
+"""
+
+from vdsm_twisted.common.config import Key, schema
+
+SCHEMA = schema([
+    # -- where the engine API listens
+    Key("addresses", "management_ip", "str", "0.0.0.0",
+        "Address the engine API listens on (TLS). \"::\" listens on IPv6 and IPv4."),
+    Key("addresses", "management_port", "port", "54321",
+        "TCP port of the engine API (VDSM's port). 0 picks a free port (tests)."),
+    Key("addresses", "request_queues", "list",
+        "jms.topic.vdsm_requests,jms.topic.vdsm_irs_requests",
+        "STOMP destinations answered by the agent's JSON-RPC server\n"
+        "(and their \"<queue>.<suffix>\" sub-destinations)."),
+    Key("addresses", "response_queue", "str", "jms.topic.vdsm_responses",
+        "Where responses to requests that carry no reply-to header are sent."),
+    Key("addresses", "event_queue", "str", "jms.queue.events",
+        "STOMP destination of event notifications (|virt|VM_status|<id>, ...)."),
+    Key("addresses", "backlog", "positive-int", "128",
+        "listen(2) backlog of the engine API socket."),
+
+    # -- TLS
+    Key("tls", "pki_dir", "path", "/etc/pki/vdsm",
+        "PKI directory in VDSM's layout: certs/cacert.pem, certs/vdsmcert.pem,\n"
+        "keys/vdsmkey.pem. vdsm-twisted-tool pki --dir DIR creates a dev one."),
+    Key("tls", "ca_cert", "path", "certs/cacert.pem",
+        "CA certificate(s) that client certificates must chain to (relative to pki_dir)."),
+    Key("tls", "cert", "path", "certs/vdsmcert.pem",
+        "This host's certificate (relative to pki_dir)."),
+    Key("tls", "key", "path", "keys/vdsmkey.pem",
+        "This host's private key (relative to pki_dir)."),
+    Key("tls", "handshake_timeout", "positive-float", "10",
+        "Seconds a client has to complete the TLS handshake and send its first bytes."),
+
+    # -- limits protecting the daemon from its clients
+    Key("limits", "max_message_size", "positive-int", "4194304",
+        "Largest STOMP frame / JSON-RPC message / AMP request accepted, in bytes.\n"
+        "A client that sends more is disconnected (that connection only)."),
+    Key("limits", "max_connections", "positive-int", "256",
+        "Concurrent engine API connections; more are closed at accept."),
+    Key("limits", "max_pending_requests", "positive-int", "64",
+        "Requests one connection may have in flight; more get a JSON-RPC error."),
+    Key("limits", "max_batch_size", "positive-int", "100",
+        "Largest JSON-RPC batch (array of requests) accepted."),
+
+    # -- privileged helper
+    Key("privd", "socket", "path", "/run/vdsm-twisted-privd/privd.sock",
+        "UNIX socket of privd, the root helper."),
+    Key("privd", "call_timeout", "positive-float", "30",
+        "Seconds before a privd call fails with a timeout."),
+    Key("privd", "reconnect_max_delay", "positive-float", "5",
+        "Upper bound, in seconds, of the backoff between reconnects to privd."),
+
+    # -- the agent itself
+    Key("agent", "run_dir", "path", "/run/vdsm-twisted",
+        "Runtime directory (tmpfs): driver state, QMP sockets, pid files."),
+    Key("agent", "log_level", "log-level", "info",
+        "Lowest level logged: debug, info, warn, error, critical."),
+    Key("agent", "host_uuid_file", "path", "/etc/vdsm/vdsm.id",
+        "File holding this host's uuid, if any; otherwise the DMI product uuid,\n"
+        "then /etc/machine-id, is used."),
+
+    # -- sampling
+    Key("sampling", "host_stats_interval", "positive-float", "2",
+        "Seconds between host statistics samples (CPU, memory, NIC rates)."),
+])
+
+
+def load(path):
+    """Read the agent configuration from C{path}, or the embedded defaults."""
+    return SCHEMA.load(path)

@@ -1,0 +1,109 @@
+"""
+The agent's service tree: what runs, in which order, and how it reloads.
+
+    AgentService (MultiService)
+      ├── HostStatsSampler     background host sampling into a cache
+      ├── PrivdClient          AMP to privd, reconnecting with backoff
+      └── EngineListenerService  mutual TLS on one port: STOMP/JSON-RPC and AMP
+
+READY=1 goes to systemd once the listener is bound; SIGHUP reloads.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from vdsm_twisted import config as agent_config
+from vdsm_twisted.api.events import EventBus
+from vdsm_twisted.api.host import HostApi
+from vdsm_twisted.api.registry import Api
+from vdsm_twisted.common import logging as vlogging
+from vdsm_twisted.common import sdnotify
+from vdsm_twisted.common.config import Config, ConfigError
+from vdsm_twisted.host.caps import CapabilitiesCache
+from vdsm_twisted.host.stats import HostStatsSampler
+from vdsm_twisted.privdclient import PrivdClient
+from vdsm_twisted.protocols.listener import EngineListenerService
+
+
+class AgentService(MultiService):
+    log = Logger()
+
+    def __init__(self, config: Config, config_path: str | None = None, reactor=None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self.config = config
+        self.config_path = config_path
+        vlogging.set_level(config["agent", "log_level"])
+
+        self.bus = EventBus()
+        self.capabilities = CapabilitiesCache(config["agent", "host_uuid_file"], reactor=reactor)
+        self.sampler = HostStatsSampler(config["sampling", "host_stats_interval"], clock=reactor)
+        self.sampler.setServiceParent(self)
+        self.privd = PrivdClient(config["privd", "socket"],
+                                 call_timeout=config["privd", "call_timeout"],
+                                 max_delay=config["privd", "reconnect_max_delay"],
+                                 reactor=reactor)
+        self.privd.setServiceParent(self)
+        self.api = Api([HostApi(self.capabilities, self.sampler)])
+        self.listener = EngineListenerService(config, self.api, self.bus, reactor=reactor)
+        self.listener.setServiceParent(self)
+        self._previous_sighup = None
+
+    @classmethod
+    def from_config_path(cls, path: str | None) -> "AgentService":
+        return cls(agent_config.load(path), config_path=path)
+
+    def startService(self):
+        super().startService()
+        self._previous_sighup = signal.signal(
+            signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
+        d = defer.maybeDeferred(lambda: self.listener.listening)
+        d.addCallback(self._serving)
+        d.addErrback(self._failed_to_listen)
+
+    def _serving(self, _):
+        self.log.info("vdsm-twisted agent serving on port {port} (config: {source})",
+                      port=self.listener.port, source=self.config.source)
+        sdnotify.ready(f"serving on port {self.listener.port}")
+
+    def _failed_to_listen(self, failure):
+        self.log.failure("cannot listen for the engine API; stopping", failure)
+        self._reactor.stop()
+
+    def stopService(self):
+        sdnotify.stopping()
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+        return super().stopService()
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read the config; a config that does not parse changes nothing."""
+        sdnotify.reloading()
+        try:
+            try:
+                new = agent_config.load(self.config_path)
+            except ConfigError as e:
+                self.log.error("reload refused, keeping the running configuration: {error}",
+                               error=str(e))
+                return False
+            try:
+                self.listener.reload_tls(new)
+            except Exception as e:
+                self.log.error("reload refused, TLS material unusable: {error}", error=str(e))
+                return False
+            vlogging.set_level(new["agent", "log_level"])
+            self.sampler.set_interval(new["sampling", "host_stats_interval"])
+            self.capabilities.refresh()
+            self.config = new
+            self.log.info("configuration reloaded from {source}", source=new.source)
+            return True
+        finally:
+            sdnotify.ready()
