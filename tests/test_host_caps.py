@@ -11,6 +11,7 @@ import pytest
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from tests import _procs
 from vdsm_twisted.host import caps
 
 CPUINFO_2S = """\
@@ -72,6 +73,7 @@ def fake_host(tmp_path):
     _write(f"{net}/bond0/bonding/mode", "active-backup 1\n")
     _write(f"{net}/eth0.10/uevent", "DEVTYPE=vlan\nINTERFACE=eth0.10\n")
     os.makedirs(f"{net}/eth0.10/lower_eth0")
+    _write(f"{proc}/net/vlan/eth0.10", "eth0.10  VID: 10\t REORDER_HDR: 1\n")
     _write(f"{etc}/os-release", 'NAME="Fedora Linux"\nVERSION_ID=40\n'
                                 'VERSION_CODENAME=""\nPRETTY_NAME="Fedora Linux 40"\n')
     _write(f"{etc}/machine-id", "0123456789abcdef0123456789abcdef\n")
@@ -137,7 +139,7 @@ def test_collect_fake_host(fake_host, tmp_path):
                                     "hwaddr": "", "stp": "on"}}
     assert c["bondings"]["bond0"]["slaves"] == ["eth2", "eth3"]
     assert c["bondings"]["bond0"]["opts"] == {"mode": "1"}
-    assert c["vlans"]["eth0.10"]["iface"] == "eth0"
+    assert c["vlans"] == {"eth0.10": {"iface": "eth0", "mtu": "0", "vlanid": 10}}
     assert c["networks"] == {}
     assert c["vmTypes"] == ["kvm"]
     assert c["clusterLevels"] == c["supportedENGINEs"] == ["4.2", "4.3", "4.4", "4.5",
@@ -167,15 +169,14 @@ def test_kvm_enabled_asks_kvm(tmp_path):
     assert caps.kvm_enabled(str(tmp_path / "kvm")) is False
 
 
-def test_kvm_disabled_for_a_user_outside_group_kvm():
-    """Group kvm may open /dev/kvm, nobody may not: the answer is per process."""
-    probe = ("import fcntl, os\n"
-             "try:\n    fd = os.open('/dev/kvm', os.O_RDWR)\nexcept OSError:\n"
-             "    print('false')\nelse:\n    print('true')\n")
-    out = subprocess.run(["/opt/vdsm-twisted/venv/bin/python", "-c", probe], user="nobody",
-                         capture_output=True, text=True, check=True, cwd="/").stdout
-    assert out.strip() == "false"
-    assert caps.kvm_enabled("/dev/kvm") is True
+@pytest.mark.parametrize("user, expected", [("vdsm", "True"), ("nobody", "False")])
+def test_kvm_enabled_is_per_process(code_dir, user, expected):
+    """The agent's user (group kvm) may use KVM; a user outside the group may not."""
+    probe = "from vdsm_twisted.host.caps import kvm_enabled; print(kvm_enabled())"
+    out = subprocess.run([_procs.PYTHON, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd="/", env=_procs.env_for(code_dir),
+                         **_procs.user_kwargs(user)).stdout
+    assert out.strip() == expected
 
 
 def test_collect_this_machine(tmp_path):

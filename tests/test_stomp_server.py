@@ -3,19 +3,21 @@
 import json
 
 import pytest
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
 from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.trial import unittest
 from zope.interface import implementer
 
 from vdsm_twisted.api.events import EventBus
 from vdsm_twisted.api.jsonrpc import JsonRpcServer
 from vdsm_twisted.api.registry import Api, IApiNamespace
-from vdsm_twisted.api.schema import BOOL, LIST, METHODS, Method, Param
+from vdsm_twisted.api.schema import METHODS, Method
 from vdsm_twisted.protocols.stomp import StompBroker, StompServerProtocol
-from vdsm_twisted.protocols.stomp.frame import Frame, encode_frame
 
 REQUESTS = "jms.topic.vdsm_requests"
 IRS_REQUESTS = "jms.topic.vdsm_irs_requests"
@@ -588,3 +590,72 @@ def test_response_after_close_goes_to_other_subscribers_only(env):
     assert a.take() == b""
     assert b.take() == b""
     assert a.proto.pending == 0
+
+
+# -- over a real socket
+
+
+class _Collect(Protocol):
+    """A raw client: keeps what arrives, fires when a given byte string is in."""
+
+    def __init__(self):
+        self.data = b""
+        self.waiting = []
+        self.lost = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.data += data
+        for item in list(self.waiting):
+            needle, d = item
+            if needle in self.data:
+                self.waiting.remove(item)
+                d.callback(self.data)
+
+    def until(self, needle: bytes) -> defer.Deferred:
+        d = defer.Deferred()
+        self.waiting.append((needle, d))
+        self.dataReceived(b"")
+        return d
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+class RealSocketTests(unittest.TestCase):
+    """Two real TCP connections on loopback sharing one broker."""
+
+    @defer.inlineCallbacks
+    def test_request_and_event_over_tcp(self):
+        env = Env()
+        factory = ServerFactory.forProtocol(lambda: StompServerProtocol(
+            env.broker, env.rpc, 1 << 16, 4))
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        a = yield connectProtocol(endpoint, _Collect())
+        b = yield connectProtocol(endpoint, _Collect())
+        for client in (a, b):
+            self.addCleanup(lambda c=client: c.transport.loseConnection() or c.lost)
+
+        a.transport.write(CONNECT_NO_HB + subscribe(REPLY, "s1") + subscribe(EVENTS, "ev"))
+        b.transport.write(CONNECT_NO_HB)
+        yield b.until(b"CONNECTED")
+        # Split a request over several writes.
+        data = send(REQUESTS, jbody([request("Host.ping2")]), ("reply-to", REPLY))
+        a.transport.write(data[:10])
+        a.transport.write(data[10:])
+        out = yield a.until(b'"result":true}\x00')
+        self.assertEqual(out, b"CONNECTED\nversion:1.2\nheart-beat:0,0\n\n\x00" + message(
+            REPLY, "s1", b'{"jsonrpc":"2.0","id":"r1","result":true}'))
+
+        env.broker.event_sink("|net|host_conn|no_id", {"notify_time": 5})
+        yield a.until(b"|net|host_conn|no_id")
+
+        # b sends garbage: only b is closed.
+        b.transport.write(b"NONSENSE\n\n\x00")
+        yield b.lost
+        self.assertIn(b"ERROR\nmessage:unknown command", b.data)
+        a.transport.write(b"DISCONNECT\nreceipt:end\n\n\x00")
+        yield a.lost
+        self.assertTrue(a.data.endswith(b"RECEIPT\nreceipt-id:end\n\n\x00"))
+        self.assertFalse(env.broker.has_subscribers(EVENTS))

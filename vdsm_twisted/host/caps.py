@@ -19,7 +19,7 @@ import re
 import socket
 import subprocess
 import uuid as _uuid
-from typing import Callable, Iterable
+from typing import Callable
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -216,7 +216,7 @@ def _listdir(path: str) -> list[str]:
         return []
 
 
-def net_devices(sys: str = "/sys") -> dict[str, dict]:
+def net_devices(sys: str = "/sys", proc: str = "/proc") -> dict[str, dict]:
     """C{nics}, C{bridges}, C{bondings}, C{vlans} summaries from C{/sys/class/net}.
 
     A NIC is an interface backed by a device (C{device} link); loopback, taps
@@ -246,7 +246,7 @@ def net_devices(sys: str = "/sys") -> dict[str, dict]:
         elif uevent.get("DEVTYPE") == "vlan":
             lower = [n[len("lower_"):] for n in _listdir(path) if n.startswith("lower_")]
             vlan = {"iface": lower[0] if lower else "", "mtu": mtu}
-            vlan_id = _vlan_id(name)
+            vlan_id = _vlan_id(name, proc)
             if vlan_id is not None:
                 vlan["vlanid"] = vlan_id
             result["vlans"][name] = vlan
@@ -259,9 +259,9 @@ def net_devices(sys: str = "/sys") -> dict[str, dict]:
     return result
 
 
-def _vlan_id(name: str) -> int | None:
+def _vlan_id(name: str, proc: str) -> int | None:
     # /proc/net/vlan/<dev> is root-only; its first line ends with "VID: <n>".
-    text = _read(os.path.join("/proc/net/vlan", name))
+    text = _read(os.path.join(proc, "net", "vlan", name))
     m = re.search(r"VID:\s*(\d+)", text or "")
     return int(m.group(1)) if m else None
 
@@ -346,7 +346,7 @@ def collect(host_uuid_file: str, proc: str = "/proc", sys: str = "/sys", *,
     topology = cpu_topology(sys)
     meminfo = parse_meminfo(_read(os.path.join(proc, "meminfo"), ""))
     nodes, distances = numa_nodes(sys)
-    net = net_devices(sys)
+    net = net_devices(sys, proc)
     numa_balancing = _read_int(os.path.join(proc, "sys", "kernel", "numa_balancing"))
     rng = [name for name in ("random", "hwrng") if os.path.exists(os.path.join(dev, name))]
     version = vdsm_twisted.__version__

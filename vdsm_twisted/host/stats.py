@@ -362,6 +362,18 @@ class HostStatsSampler(Service):
             self._loop.stop()
         self._loop = None
 
+    def set_interval(self, interval: float) -> None:
+        """Change the period (SIGHUP reload); a running loop restarts on it."""
+        if interval == self.interval:
+            return
+        self.interval = interval
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+            self._loop = task.LoopingCall(self.sample)
+            self._loop.clock = self.clock
+            self._loop.start(interval, now=False).addErrback(
+                lambda f: log.failure("host stats sampler stopped", f))
+
     def sample(self) -> None:
         """Take one sample now (the loop's body; tests call it too)."""
         try:

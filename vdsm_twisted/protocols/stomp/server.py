@@ -211,7 +211,7 @@ class StompServerProtocol(Protocol):
         self.transport.write(data)
         if self._send_interval and not self._closed:
             if self._send_timer is not None and self._send_timer.active():
-                pass
+                self._send_timer.reset(self._send_interval)
             else:
                 self._send_timer = self.clock.callLater(self._send_interval, self._heartbeat)
 

@@ -1,0 +1,68 @@
+"""State documents: atomic, versioned, and refused when stale or foreign."""
+
+import json
+import os
+
+from twisted.internet import reactor
+from twisted.trial import unittest
+
+from vdsm_twisted.state.store import (
+    FORMAT_VERSION, StateError, StateStore, Writer, decode, encode)
+
+
+class StoreTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = self.mktemp()
+        self.store = StateStore(self.dir, reactor=reactor)
+        self.store.start()
+        self.addCleanup(self.store.stop)
+
+    def test_roundtrip_in_order(self):
+        ds = [self.store.save("vm", "a", {"n": i}) for i in range(20)]
+        d = ds[-1]
+
+        def check(_):
+            good, bad = self.store.load_all("vm")
+            self.assertEqual(bad, [])
+            self.assertEqual([(x.key, x.data) for x in good], [("a", {"n": 19})])
+            self.assertTrue(good[0].same_process)
+            self.assertTrue(good[0].same_boot)
+            self.assertEqual(os.stat(os.path.join(self.dir, "vm", "a.json")).st_mode & 0o777, 0o600)
+        return d.addCallback(check)
+
+    def test_corrupt_truncated_foreign_and_stale_files_are_refused(self):
+        vmdir = os.path.join(self.dir, "vm")
+        os.makedirs(vmdir)
+        good = encode("vm", "ok", {"x": 1})
+        files = {
+            "truncated.json": good[: len(good) // 2],
+            "foreign.json": json.dumps({"hello": "world"}).encode(),
+            "future.json": good.replace(b'"version":%d' % FORMAT_VERSION, b'"version":999'),
+            "wrongkind.json": encode("net", "wrongkind", {}),
+            "renamed.json": encode("vm", "other", {}),
+            "binary.json": b"\xff\x00\xfe",
+            "ok.json": good,
+            "ok.json.tmp.123": b"half",
+        }
+        for name, data in files.items():
+            with open(os.path.join(vmdir, name), "wb") as f:
+                f.write(data)
+        loaded, bad = self.store.load_all("vm")
+        self.assertEqual([x.key for x in loaded], ["ok"])
+        self.assertEqual(sorted(os.path.basename(p) for p, _ in bad),
+                         sorted(n for n in files if n.endswith(".json") and n != "ok.json"))
+        self.assertFalse(os.path.exists(os.path.join(vmdir, "ok.json.tmp.123")))
+
+    def test_stale_writer_is_told_apart(self):
+        stale = Writer(pid=1, start_time=5, boot_id="another-boot")
+        loaded = decode(encode("vm", "k", {}, writer=stale))
+        self.assertFalse(loaded.same_boot)
+        self.assertFalse(loaded.same_process)
+
+    def test_bad_keys(self):
+        for key in ("", "../x", ".hidden", "a/b"):
+            self.assertRaises(ValueError, self.store.save_now, "vm", key, {})
+
+    def test_decode_errors(self):
+        self.assertRaises(StateError, decode, b"[]")
+        self.assertRaises(StateError, decode, encode("vm", "k", {}), "net")

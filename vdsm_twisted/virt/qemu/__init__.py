@@ -1,0 +1,1 @@
+"""The qemu driver: the agent owns QEMU processes and drives them over QMP."""
