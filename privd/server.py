@@ -249,16 +249,23 @@ class PrivdProtocol(amp.AMP):
             if failure.check(amp.RemoteAmpError):
                 return failure
             log.failure("privd bug in {name!r}", failure, name=name)
-            return _declared(OperationFailed(f"internal error: {failure.getErrorMessage()}"))
+            return Failure(_declared(OperationFailed(f"internal error: {failure.getErrorMessage()}")))
 
         return d.addBoth(done).addErrback(undeclared)
 
     def unhandledError(self, failure: Failure) -> None:
-        # Reached for commands sent without "_ask" that fail: close, quietly.
-        log.warn("peer {caller}: {error}: disconnected", caller=self._caller(),
-                 error=failure.getErrorMessage())
+        # Reached for commands sent without "_ask" that fail: nobody to tell.
+        error = (failure.value.description if failure.check(amp.RemoteAmpError)
+                 else failure.getErrorMessage())
+        log.warn("peer {caller}: unanswerable failure ({error}): disconnected",
+                 caller=self._caller(), error=error)
         if self.transport is not None:
             self._drop()
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        log.warn("peer {caller} sent an AMP key of {length} bytes: disconnected",
+                 caller=self._caller(), length=length)
+        self._drop()
 
     # -- passing fds: close ours once the kernel has them
 
@@ -312,34 +319,35 @@ class PrivdProtocol(amp.AMP):
 
     @EnsureBridge.responder
     def ensure_bridge(self, name: str) -> dict:
-        name = self._checked_bridge(name)
-        created = self._run(f"ensure bridge {name}", lambda: self.ops.ensure_bridge(name))
-        return {"created": created}
+        def op() -> bool:
+            return self.ops.ensure_bridge(self._checked_bridge(name))
+
+        return {"created": self._run(f"ensure bridge {name!r}", op)}
 
     @DeleteBridge.responder
     def delete_bridge(self, name: str) -> dict:
-        name = self._checked_bridge(name)
-        self._run(f"delete bridge {name}", lambda: self.ops.delete_bridge(name))
+        self._run(f"delete bridge {name!r}", lambda: self.ops.delete_bridge(self._checked_bridge(name)))
         return {}
 
     @CreateTap.responder
     def create_tap(self, name: str, owner_uid: int, bridge: str | None = None,
                    mtu: int | None = None, vnet_hdr: bool | None = None) -> dict:
-        name = self._checked_tap(name)
-        check_uid(owner_uid)
-        if bridge is not None:
-            bridge = self._checked_bridge(bridge)
-        if mtu is not None:
-            check_mtu(mtu)
-        what = f"create tap {name} owner={owner_uid} bridge={bridge} mtu={mtu}"
-        fd = self._run(what, lambda: self.ops.create_tap(
-            name, owner_uid, bridge=bridge, mtu=mtu, vnet_hdr=bool(vnet_hdr)))
+        def op() -> int:
+            self._checked_tap(name)
+            check_uid(owner_uid)
+            if bridge is not None:
+                self._checked_bridge(bridge)
+            if mtu is not None:
+                check_mtu(mtu)
+            return self.ops.create_tap(name, owner_uid, bridge=bridge, mtu=mtu,
+                                       vnet_hdr=bool(vnet_hdr))
+
+        fd = self._run(f"create tap {name!r} owner={owner_uid} bridge={bridge!r} mtu={mtu}", op)
         return {"name": name, "fd": fd}  # closed by _reap_sent_fds once sent
 
     @DeleteTap.responder
     def delete_tap(self, name: str) -> dict:
-        name = self._checked_tap(name)
-        self._run(f"delete tap {name}", lambda: self.ops.delete_tap(name))
+        self._run(f"delete tap {name!r}", lambda: self.ops.delete_tap(self._checked_tap(name)))
         return {}
 
 

@@ -6,13 +6,15 @@ listener on a free loopback port.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 from twisted.internet import defer, protocol, reactor, ssl
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.protocols import amp
 
 from vdsm_twisted import config as agent_config
@@ -82,10 +84,18 @@ def make_api() -> tuple[Api, TestNamespace]:
     return Api([ns], methods=TEST_METHODS), ns
 
 
+def no_stomp(config, rpc, reactor):
+    """A stand-in for the STOMP side in tests that must not depend on it."""
+    def build():
+        raise AssertionError("STOMP not expected here")
+    return (lambda method, params: None), build
+
+
 def make_config(pki_dir: str, **limits: Any) -> Any:
     """Agent config on 127.0.0.1, port 0; C{limits} may also set handshake_timeout."""
     timeout = limits.pop("handshake_timeout", 5)
-    lines = ["[addresses]", "management_ip = 127.0.0.1", "management_port = 0",
+    ip = limits.pop("management_ip", "127.0.0.1")
+    lines = ["[addresses]", f"management_ip = {ip}", "management_port = 0",
              "[tls]", f"pki_dir = {pki_dir}", f"handshake_timeout = {timeout}",
              "[limits]"]
     lines += [f"{k} = {v}" for k, v in limits.items()]
@@ -102,13 +112,14 @@ def _load_key(path: str):
         return serialization.load_pem_private_key(f.read(), password=None)
 
 
-def client_creator(ca_path: str, cert_path: str | None = None, key_path: str | None = None):
+def client_creator(ca_path: str, cert_path: str | None = None, key_path: str | None = None,
+                   **options: Any):
     """TLS client options trusting C{ca_path}, presenting the given certificate if any."""
     trust = ssl.trustRootFromCertificates(
         [ssl.Certificate(crypto.X509.from_cryptography(_load_cert(ca_path)))])
-    kwargs = {}
+    kwargs = dict(options)
     if cert_path is not None:
-        kwargs = {"certificate": _load_cert(cert_path), "privateKey": _load_key(key_path)}
+        kwargs.update(certificate=_load_cert(cert_path), privateKey=_load_key(key_path))
     return ssl.CertificateOptions(trustRoot=trust, raiseMinimumTo=ssl.TLSVersion.TLSv1_2, **kwargs)
 
 
@@ -124,8 +135,9 @@ def write_pair(directory: str, name: str, key, cert) -> tuple[str, str]:
     return cert_path, key_path
 
 
-def endpoint(port: int, creator):
-    return wrapClientTLS(creator, TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5))
+def endpoint(port: int, creator, host: str = "127.0.0.1"):
+    tcp = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+    return wrapClientTLS(creator, tcp(reactor, host, port, timeout=5))
 
 
 class RecordingAMP(amp.AMP):
@@ -178,17 +190,23 @@ class RawClient(protocol.Protocol):
         self.lost.callback(None)
 
 
-def connect(port: int, creator, proto) -> defer.Deferred:
-    return connectProtocol(endpoint(port, creator), proto)
+def connect(port: int, creator, proto, host: str = "127.0.0.1") -> defer.Deferred:
+    return connectProtocol(endpoint(port, creator, host), proto)
+
+
+def temp_dir(testcase) -> str:
+    """A private temporary directory removed after the test (trial's mktemp
+    would create it under the current directory)."""
+    directory = tempfile.mkdtemp(prefix="vdsm-twisted-test-")
+    testcase.addCleanup(shutil.rmtree, directory, True)
+    return directory
 
 
 class ListenerMixin:
     """For trial TestCases: a PKI and a started listener, cleaned up after."""
 
     def make_pki(self) -> pki.PkiPaths:
-        directory = self.mktemp()
-        os.makedirs(directory)
-        return pki.create_pki(directory, hostname="localhost")
+        return pki.create_pki(os.path.join(temp_dir(self), "pki"), hostname="localhost")
 
     @defer.inlineCallbacks
     def start_listener(self, paths: pki.PkiPaths, stomp_factory=None, **limits):
@@ -203,8 +221,8 @@ class ListenerMixin:
         return service
 
     @defer.inlineCallbacks
-    def connect_amp(self, port: int, creator):
-        proto = yield connect(port, creator, RecordingAMP())
+    def connect_amp(self, port: int, creator, host: str = "127.0.0.1"):
+        proto = yield connect(port, creator, RecordingAMP(), host)
         self.addCleanup(self._close, proto)
         return proto
 

@@ -36,7 +36,7 @@ def remove_links(*names: str) -> None:
             subprocess.run(["ip", "link", "del", "dev", name], capture_output=True)
 
 
-def write_config(directory: Path, **overrides: str) -> tuple[Path, Path]:
+def write_config(directory: Path, make_dir: bool = True, **overrides: str) -> tuple[Path, Path]:
     """A privd config in C{directory}; returns (config path, socket path)."""
     sock = directory / "privd" / "privd.sock"
     values = {
@@ -56,7 +56,8 @@ def write_config(directory: Path, **overrides: str) -> tuple[Path, Path]:
         lines.append(f"[{section}]")
         lines += [f"{n} = {v}" for (s, n), v in values.items() if s == section]
     # An existing directory is left as is: 0755 lets nobody reach the socket.
-    sock.parent.mkdir(mode=0o755, exist_ok=True)
+    if make_dir:
+        sock.parent.mkdir(mode=0o755, exist_ok=True)
     path = directory / "privd.conf"
     path.write_text("\n".join(lines) + "\n")
     return path, sock

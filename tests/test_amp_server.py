@@ -6,16 +6,9 @@ from twisted.internet import defer
 from twisted.protocols import amp
 from twisted.trial import unittest
 
-from tests._pki_helpers import ListenerMixin, good_client
+from tests._pki_helpers import ListenerMixin, good_client, no_stomp
 from vdsm_twisted.protocols.amp_commands import BigJSON, Call, Subscribe
 from vdsm_twisted.protocols.amp_server import AmpEventHub
-
-
-def no_stomp(config, rpc, reactor):
-    """These tests need no STOMP: a stand-in that never gets built."""
-    def build():
-        raise AssertionError("STOMP not expected here")
-    return (lambda method, params: None), build
 
 
 class RawParamsCall(amp.Command):

@@ -6,6 +6,7 @@ then reconnects and TLS against scripted servers on real loopback sockets.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import uuid
@@ -20,7 +21,7 @@ from twisted.trial import unittest
 
 from vdsm_twisted.api import errors
 from vdsm_twisted.client import (
-    CallTimeout, ConnectFailed, Disconnected, connect, connect_endpoint)
+    CallTimeout, ConnectFailed, Disconnected, PkiError, connect, connect_endpoint)
 from vdsm_twisted.client._stomp import ServerError
 from vdsm_twisted.protocols.stomp.frame import Frame, FrameParser, encode_frame
 
@@ -386,8 +387,10 @@ class StompClientLoopbackTests(unittest.TestCase):
         self.port = reactor.listenTCP(0, self.server, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
+        subscribed = self.server.wait("subscribed")
         client = await connect_endpoint(endpoint, retry_policy=lambda n: 0.02, **kw)
         self.addCleanup(self._close, client)
+        await subscribed
         return client
 
     async def _close(self, client):
@@ -517,7 +520,6 @@ class StompClientTLSTests(unittest.TestCase):
         yield deferLater(reactor, 0, lambda: None)
 
     def test_vdsm_host_certificate_used_without_client_cert(self):
-        import os
         os.unlink(self.paths.client_cert)
         os.unlink(self.paths.client_key)
         port = self._listen()
@@ -525,3 +527,21 @@ class StompClientTLSTests(unittest.TestCase):
                                                    timeout=10)))
         d.addCallback(self.assertIs, True)
         return d
+
+
+class PkiErrorTests(unittest.SynchronousTestCase):
+
+    def test_missing_pki_fails_the_deferred(self):
+        d = connect("localhost", 1, pki_dir="/nonexistent-pki", reactor=Clock())
+        failure = self.failureResultOf(d, PkiError)
+        self.assertIn("/nonexistent-pki/certs/cacert.pem", str(failure.value))
+
+    def test_ca_without_any_client_certificate(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        from vdsm_twisted.tool import pki
+        paths = pki.create_pki(directory, hostname="localhost")
+        for path in (paths.client_key, paths.key):
+            os.unlink(path)
+        failure = self.failureResultOf(connect("localhost", 1, pki_dir=directory, reactor=Clock()), PkiError)
+        self.assertIn("no client certificate", str(failure.value))

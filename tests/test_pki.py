@@ -143,3 +143,15 @@ def test_write_pem_modes(tmp_path):
     assert mode(tmp_path / "k2.pem") == 0o600
     assert load(tmp_path / "c.pem") == cert
     assert load_key(tmp_path / "k.pem").public_key() == key.public_key()
+
+
+def test_main(tmp_path, capsys):
+    directory = str(tmp_path / "cli")
+    assert pki.main(["--dir", directory, "--hostname", "h.example", "--group", "vdsm"]) == 0
+    out = capsys.readouterr().out
+    assert f"cert: {directory}/certs/vdsmcert.pem" in out
+    assert cn(load(f"{directory}/certs/vdsmcert.pem")) == "h.example"
+    assert os.stat(f"{directory}/keys/vdsmkey.pem").st_gid == grp.getgrnam("vdsm").gr_gid
+    assert pki.main(["--dir", directory]) == 1
+    assert "already holds a CA" in capsys.readouterr().err
+    assert pki.main(["--dir", str(tmp_path / "x"), "--group", "no-such-group-here"]) == 1

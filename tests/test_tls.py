@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 
 from OpenSSL import SSL
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.error import ConnectionClosed
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
 from tests._pki_helpers import (
-    ListenerMixin, RawClient, client_creator, connect, good_client, make_config, write_pair)
-from tests.test_amp_server import no_stomp
+    ListenerMixin, RawClient, client_creator, connect, good_client, make_config, no_stomp,
+    temp_dir, write_pair)
 from vdsm_twisted.protocols import tls
 from vdsm_twisted.protocols.amp_commands import Call
 from vdsm_twisted.tool import pki
@@ -24,8 +25,14 @@ class RefusedClients(ListenerMixin, unittest.TestCase):
     def setUp(self):
         self.paths = self.make_pki()
         self.service = yield self.start_listener(self.paths, stomp_factory=no_stomp)
-        self.scratch = self.mktemp()
-        os.makedirs(self.scratch)
+        self.scratch = temp_dir(self)
+        self.logged = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def handshake_failures(self):
+        return [e for e in self.logged
+                if e.get("log_format", "").endswith("TLS handshake failed: {reason}")]
 
     @defer.inlineCallbacks
     def assert_refused(self, creator):
@@ -35,14 +42,18 @@ class RefusedClients(ListenerMixin, unittest.TestCase):
         try:
             client = yield self.connect_amp(self.service.port, creator)
         except (SSL.Error, ConnectionClosed):
-            self.assertEqual(self.ns.calls, [])
-            return
-        d = client.callRemote(Call, method="Test.echo", params={"value": 1})
-        yield self.assertFailure(d, SSL.Error, ConnectionClosed)
-        yield client.lost
-        self.assertTrue(client.reason.check(SSL.Error), client.reason)
+            pass  # refused before the client saw its handshake complete
+        else:
+            d = client.callRemote(Call, method="Test.echo", params={"value": 1})
+            yield self.assertFailure(d, SSL.Error, ConnectionClosed)
+            yield client.lost
+            self.assertTrue(client.reason.check(SSL.Error), client.reason)
         self.assertEqual(self.ns.calls, [])
         yield self.wait_server_idle()
+        # the server logged the refusal (at warn level, with the peer)
+        (event,) = self.handshake_failures()
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertIn("127.0.0.1:", event["peer"])
 
     @defer.inlineCallbacks
     def wait_server_idle(self):
@@ -62,9 +73,24 @@ class RefusedClients(ListenerMixin, unittest.TestCase):
         client = yield self.connect_amp(self.service.port, host_as_client)
         answer = yield client.callRemote(Call, method="Test.echo", params={"value": 2})
         self.assertEqual(answer["response"], {"result": 2})
+        self.assertEqual(self.handshake_failures(), [])
 
     def test_no_client_certificate(self):
         return self.assert_refused(client_creator(self.paths.ca_cert))
+
+    def test_no_client_certificate_tls12(self):
+        # TLS 1.2: the client itself sees the handshake fail
+        return self.assert_refused(client_creator(
+            self.paths.ca_cert, lowerMaximumSecurityTo=ssl.TLSVersion.TLSv1_2))
+
+    @defer.inlineCallbacks
+    def test_tls12_with_good_certificate_works(self):
+        creator = client_creator(self.paths.ca_cert, self.paths.client_cert, self.paths.client_key,
+                                 lowerMaximumSecurityTo=ssl.TLSVersion.TLSv1_2)
+        client = yield self.connect_amp(self.service.port, creator)
+        answer = yield client.callRemote(Call, method="Test.echo", params={"value": 12})
+        self.assertEqual(answer["response"], {"result": 12})
+        self.assertEqual(client.transport.getHandle().get_protocol_version_name(), "TLSv1.2")
 
     def test_self_signed_certificate(self):
         key, cert = pki.self_signed("intruder")
@@ -172,6 +198,15 @@ class Limits(ListenerMixin, unittest.TestCase):
         self.assertEqual(answer["response"], {"result": 4})
 
     @defer.inlineCallbacks
+    def test_ipv6_any_address_serves_both_families(self):
+        paths = self.make_pki()
+        service = yield self.start_listener(paths, stomp_factory=no_stomp, management_ip="::")
+        for host in ("::1", "127.0.0.1"):
+            client = yield self.connect_amp(service.port, good_client(paths), host)
+            answer = yield client.callRemote(Call, method="Test.echo", params={"value": host})
+            self.assertEqual(answer["response"], {"result": host})
+
+    @defer.inlineCallbacks
     def test_stop_service_drops_connections_and_port(self):
         paths = self.make_pki()
         service = yield self.start_listener(paths, stomp_factory=no_stomp)
@@ -187,21 +222,20 @@ class Limits(ListenerMixin, unittest.TestCase):
 class Config(unittest.TestCase):
 
     def test_relative_paths_resolve_against_pki_dir(self):
-        directory = self.mktemp()
+        directory = os.path.join(temp_dir(self), "pki")
         paths = pki.create_pki(directory, hostname="localhost")
         made = tls.MutualTLS.from_config(make_config(paths.directory))
         self.assertEqual((made.ca_path, made.cert_path, made.key_path),
                          (paths.ca_cert, paths.cert, paths.key))
 
     def test_missing_files_fail_at_start(self):
-        directory = self.mktemp()
-        os.makedirs(directory)
+        directory = temp_dir(self)
         with self.assertRaises(tls.TLSConfigError) as caught:
             tls.MutualTLS.from_config(make_config(directory))
         self.assertIn("cacert.pem", str(caught.exception))
 
     def test_tls_minimum_version(self):
-        directory = self.mktemp()
+        directory = os.path.join(temp_dir(self), "pki")
         paths = pki.create_pki(directory, hostname="localhost")
         options = tls.server_options(paths.ca_cert, paths.cert, paths.key)
         context = options.getContext()

@@ -68,6 +68,39 @@ SCHEMA = schema([
     # -- sampling
     Key("sampling", "host_stats_interval", "positive-float", "2",
         "Seconds between host statistics samples (CPU, memory, NIC rates)."),
+    Key("sampling", "vm_stats_interval", "positive-float", "2",
+        "Seconds between VM statistics samples (all VMs at once, into a cache\n"
+        "that VM.getStats and Host.getAllVmStats read)."),
+
+    # -- VMs (the qemu driver)
+    Key("vm", "image_roots", "list", "/var/lib/vdsm-twisted/images,/rhev/data-center",
+        "Directories disk and CD-ROM images must resolve into (after realpath).\n"
+        "A path outside them is refused."),
+    Key("vm", "log_dir", "path", "/var/log/vdsm-twisted/qemu",
+        "Where each VM's QEMU output (<uuid>.log) and serial console\n"
+        "(<uuid>.serial.log) are written."),
+    Key("vm", "qemu_binary", "str", "qemu-system-x86_64",
+        "The QEMU system emulator (a name looked up in PATH, or a path)."),
+    Key("vm", "accel", "str", "auto",
+        "auto (KVM when /dev/kvm opens read-write, else TCG), kvm or tcg.",
+        choices=("auto", "kvm", "tcg")),
+    Key("vm", "tap_prefix", "str", "vnet",
+        "Prefix of the tap devices the agent asks privd to create\n"
+        "(must be allowed by privd's [network] tap_prefix)."),
+    Key("vm", "max_xml_size", "positive-int", "1048576",
+        "Largest domain XML accepted by VM.create, in bytes."),
+    Key("vm", "destroy_grace_timeout", "positive-float", "5",
+        "VM.destroy: seconds QEMU gets to quit through QMP before SIGTERM."),
+    Key("vm", "sigterm_timeout", "positive-float", "5",
+        "VM.destroy: seconds between SIGTERM and SIGKILL."),
+    Key("vm", "shutdown_timeout", "positive-float", "120",
+        "VM.shutdown: default seconds the guest gets to power off after the ACPI\n"
+        "power button before the VM is destroyed (the call's timeout overrides)."),
+    Key("vm", "qmp_timeout", "positive-float", "5",
+        "Seconds a QMP command may take; a monitor that misses it is reported\n"
+        "with monitorResponse -1."),
+    Key("vm", "qmp_connect_timeout", "positive-float", "10",
+        "Seconds QEMU gets to open its QMP socket after it is started."),
 ])
 
 

@@ -41,12 +41,15 @@ class Api:
     log = Logger()
 
     def __init__(self, namespaces: Iterable[Any], methods: Iterable[Method] = METHODS):
-        impls = {ns.namespace: ns for ns in namespaces}
+        impls: dict[str, list] = {}
+        for ns in namespaces:
+            impls.setdefault(ns.namespace, []).append(ns)
         self.methods: dict[str, Method] = {}
         self._handlers: dict[str, Any] = {}
         for method in methods:
-            impl = impls.get(method.namespace)
-            handler = getattr(impl, method.verb, None) if impl is not None else None
+            # Several objects may serve one namespace; the first with the verb wins.
+            handler = next((getattr(impl, method.verb) for impl in impls.get(method.namespace, ())
+                            if hasattr(impl, method.verb)), None)
             if handler is None:
                 continue  # declared for a later driver; unknown until implemented
             self.methods[method.name] = method

@@ -12,7 +12,7 @@ methods marked idempotent in the API schema are re-sent after a reconnect.
 
 from __future__ import annotations
 
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
 
@@ -55,11 +55,14 @@ def connect(host: str = "localhost", port: int = 54321, pki_dir: str = "/etc/pki
             protocol: str = "stomp", reactor=None, timeout: float = 30.0,
             verify_hostname: bool = True) -> Deferred:
     """
-    Connect to an agent over mutual TLS; fires with a L{Client}.
-    L{PkiError} (raised, not returned) means the certificates are missing.
+    Connect to an agent over mutual TLS; fires with a L{Client}, or fails
+    with L{ConnectFailed} or L{PkiError} (the certificates are unreadable).
     """
     reactor = _reactor(reactor)
-    options = client_tls_options(pki_dir, host, verify_hostname=verify_hostname)
+    try:
+        options = client_tls_options(pki_dir, host, verify_hostname=verify_hostname)
+    except PkiError:
+        return defer.fail()
     tcp = endpoints.HostnameEndpoint(reactor, host, port, timeout=max(1, int(timeout)))
     return connect_endpoint(endpoints.wrapClientTLS(options, tcp), protocol=protocol,
                             reactor=reactor, timeout=timeout)

@@ -48,12 +48,16 @@ class AmpClientProtocol(amp.AMP):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        if self.client.wants_events:
-            self.subscribe_events().addCallbacks(
-                lambda _: self._now_ready(),
-                lambda f: self.transport.abortConnection())
-        else:
+        # Always speak first: the server picks the protocol from our first
+        # bytes (and drops a silent client), and an answer proves the link.
+        # Subscribe(False) is a harmless greeting when nobody wants events.
+        wanted = self.client.wants_events
+        d = self.callRemote(Subscribe, subscribe=wanted)
+
+        def answered(_):
+            self.events_subscribed = wanted
             self._now_ready()
+        d.addCallbacks(answered, lambda f: self.transport.abortConnection())
 
     def _now_ready(self) -> None:
         self._ready = True

@@ -125,6 +125,7 @@ class Client:
 
     def _first_timed_out(self, timeout: float):
         self._first = None
+        self._closed = True
         self._service.stopService()
         raise ConnectFailed(string=f"not connected after {timeout:g} s")
 
@@ -134,12 +135,12 @@ class Client:
             return
         self._closed = True
         message = reason.getErrorMessage()
-        if reason.check(error.ConnectError) and reason.value.osError:
-            message = str(reason.value.osError)
 
-        def done(_):
-            first.errback(ConnectFailed(string=message))
-        self._service.stopService().addBoth(done)
+        def stop():
+            # Not from inside ClientService's own callbacks: it is not reentrant.
+            self._service.stopService().addBoth(
+                lambda _: first.errback(ConnectFailed(string=message)))
+        self._clock.callLater(0, stop)
 
     def close(self) -> defer.Deferred:
         """Drop the connection and stop reconnecting; pending calls fail."""
@@ -227,6 +228,9 @@ class Client:
             try:
                 return await session.call(method, params, flow_id)
             except Disconnected:
+                # Whatever the session says later, it carries no more calls.
+                if self._session is session:
+                    self._session = None
                 if not retry or self._closed:
                     raise
                 self._log.info("re-sending idempotent {method} after reconnect", method=method)

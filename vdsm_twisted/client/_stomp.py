@@ -108,10 +108,10 @@ class StompClientProtocol(Protocol):
             if call is not None and call.active():
                 call.cancel()
         self._watchdog = self._heartbeat = None
+        self.client.session_lost(self, reason)
         pending, self._pending = self._pending, {}
         for d in pending.values():
             d.errback(Disconnected(f"connection lost: {reason.getErrorMessage()}"))
-        self.client.session_lost(self, reason)
 
     # -- frames from the server
 
@@ -120,7 +120,7 @@ class StompClientProtocol(Protocol):
         # The server sends every sx ms; we asked for 24000.
         send_every = max(sx, 24000) if sx else 0
         if send_every:
-            self._dead_after = max(DEAD_AFTER, 2 * send_every / 1000)
+            self._dead_after = max(DEAD_AFTER, 1.25 * send_every / 1000)
             self._watchdog.reset(self._dead_after)
         else:
             self._watchdog.cancel()

@@ -89,10 +89,15 @@ class Key:
     type: str
     default: str
     doc: str
+    #: When set, the only values accepted.
+    choices: tuple[str, ...] = ()
 
     def parse(self, text: str) -> Any:
         try:
-            return TYPES[self.type](text)
+            value = TYPES[self.type](text)
+            if self.choices and value not in self.choices:
+                raise ValueError(f"must be one of {', '.join(self.choices)}")
+            return value
         except (ValueError, KeyError) as e:
             raise ConfigError(f"[{self.section}] {self.name} = {text!r}: {e}") from None
 
@@ -176,7 +181,7 @@ class Schema:
                 out.append("")
             for line in key.doc.split("\n"):
                 out.append(f"## {line}".rstrip())
-            out.append(f"## type: {key.type}")
+            out.append(f"## type: {key.type}" + (f" ({' | '.join(key.choices)})" if key.choices else ""))
             out.append(f"# {key.name} = {key.default}")
             out.append("")
         return "\n".join(out).rstrip() + "\n"

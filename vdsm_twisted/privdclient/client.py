@@ -201,7 +201,7 @@ class PrivdClient(Service):
         else:
             if self._known_down:
                 self._clock.retry_now()  # one immediate attempt decides
-            d = self._service.whenConnected(failAfterFailures=1)
+            d = self._when_connected()
             d.addCallback(lambda protocol: protocol.callRemote(command, **kwargs))
         name = command.__name__
 
@@ -210,6 +210,22 @@ class PrivdClient(Service):
 
         d.addTimeout(self.call_timeout, self._reactor, onTimeoutCancel=timed_out)
         return d.addErrback(self._translate, name)
+
+    def _when_connected(self) -> Deferred:
+        """
+        ClientService.whenConnected, but firing from a fresh reactor turn:
+        it fires from inside ClientService's state machine, which must not be
+        re-entered by whatever the caller does next (such as another call).
+        """
+        waiting = self._service.whenConnected(failAfterFailures=1)
+        hop: Deferred = Deferred(lambda _: waiting.cancel())
+
+        def deliver(result: Any) -> None:
+            if not hop.called:
+                self._reactor.callLater(0, hop.callback, result)
+
+        waiting.addBoth(deliver)
+        return hop
 
     def _translate(self, failure: Failure, name: str) -> Failure:
         if failure.check(PrivdError):

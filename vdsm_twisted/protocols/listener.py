@@ -43,7 +43,6 @@ def stomp_side(config: Config, rpc: JsonRpcServer, reactor: Any) -> StompSide:
     def build() -> IProtocol:
         return StompServerProtocol(broker, rpc, max_size, max_pending, clock=reactor)
 
-    build.broker = broker  # type: ignore[attr-defined]
     return broker.event_sink, build
 
 

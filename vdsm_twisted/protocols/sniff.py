@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
+from OpenSSL import SSL
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -138,6 +139,10 @@ class ProtocolSniffer(Protocol):
         self._cancel_timer()
         if self.inner is not None:
             self.inner.connectionLost(reason)
+        elif reason.check(SSL.Error):
+            # A refused client certificate lands here: worth more than info.
+            self.log.warn("{peer}: TLS handshake failed: {reason}",
+                          peer=peer_description(self.transport), reason=reason.getErrorMessage())
         elif not self._closing:
             self.log.info("{peer}: closed before a protocol was chosen: {reason}",
                           peer=peer_description(self.transport), reason=reason.getErrorMessage())

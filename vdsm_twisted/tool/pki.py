@@ -227,3 +227,28 @@ def create_pki(directory: str, hostname: str | None = None, days: int = 3650,
     write_pem(paths.client_key, client_key, gid=owner_gid)
     write_pem(paths.client_cert, client_cert)
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """C{vdsm-twisted-tool pki}: make a development PKI (prints the paths)."""
+    import argparse
+    import grp
+    import sys
+
+    parser = argparse.ArgumentParser(prog="vdsm-twisted-tool pki",
+                                     description="Create a development PKI in VDSM's layout.")
+    parser.add_argument("--dir", default="/etc/pki/vdsm", help="PKI directory (default %(default)s)")
+    parser.add_argument("--hostname", default=None, help="host certificate CN (default: FQDN)")
+    parser.add_argument("--days", type=int, default=3650, help="validity (default %(default)s)")
+    parser.add_argument("--group", default=None, help="group owning the private keys (e.g. vdsm)")
+    parser.add_argument("--force", action="store_true", help="replace an existing CA")
+    args = parser.parse_args(argv)
+    try:
+        gid = grp.getgrnam(args.group).gr_gid if args.group else None
+        paths = create_pki(args.dir, args.hostname, args.days, gid, force=args.force)
+    except (KeyError, PkiExists, OSError) as e:
+        print(f"vdsm-twisted-tool pki: {e}", file=sys.stderr)
+        return 1
+    for field in attr.fields(PkiPaths):
+        print(f"{field.name}: {getattr(paths, field.name)}")
+    return 0

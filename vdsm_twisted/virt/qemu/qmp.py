@@ -168,7 +168,8 @@ class QMPProtocol(Protocol):
     # -- owner API -------------------------------------------------------
 
     @property
-    def connected(self) -> bool:
+    def is_connected(self) -> bool:
+        """True while calls can be sent (connected, not dropped for bad input)."""
         return self._connected and not self._broken
 
     def when_ready(self) -> Deferred:
@@ -192,7 +193,7 @@ class QMPProtocol(Protocol):
         C{timeout} seconds), or L{QMPDisconnected}.  Cancelling the Deferred
         abandons the call like a timeout does.
         """
-        if not self.connected:
+        if not self.is_connected:
             return _failed(QMPDisconnected(f"QMP {self.name}: not connected ({command})"))
         cid = next(self._ids)
         message: dict[str, Any] = {"execute": command, "id": cid}
@@ -504,7 +505,7 @@ async def _connect(reactor: Any, path: str, timeout: float,
         await proto.when_ready()
     except QMPFailure as e:
         proto.ready.addErrback(lambda _: None)  # reported here; proto is never handed out
-        if proto.connected:
+        if proto.is_connected:
             proto.transport.abortConnection()
         if expired:
             raise QMPTimeout(f"negotiate {path}", timeout, "no QMP greeting") from e

@@ -1,0 +1,327 @@
+"""
+One VM of the qemu driver: a QEMU child the agent owns, its QMP monitor and
+its taps, driven through VDSM's lifecycle.
+
+    WaitForLaunch ─▶ Powering up ─▶ Up ⇄ Paused
+                                     │
+                      Powering down ─┴─▶ Down (exitCode, exitMessage, exitReason)
+
+The child's exit (seen through its pidfd) is the only way to Down once QEMU
+runs: whatever asked for it (destroy, shutdown, the guest, a crash) only
+decides which exit reason is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from vdsm_twisted.api import errors
+from vdsm_twisted.children.process import Child, ExitStatus, spawn
+from vdsm_twisted.virt import status as st
+from vdsm_twisted.virt.qemu import qmp as qmplib
+from vdsm_twisted.virt.qemu.argv import build_argv
+from vdsm_twisted.virt.vm import VmBase
+
+#: The first fd number handed to QEMU for taps (0-2 are stdio).
+FIRST_TAP_FD = 3
+
+
+def _tail(path: str | None, size: int = 2048) -> str:
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+class QemuVm(VmBase):
+    log = Logger()
+
+    def __init__(self, driver, vm_id: str, domain: Any, params: dict):
+        super().__init__(vm_id, domain, params, driver.bus)
+        self.driver = driver
+        self.dir = os.path.join(driver.vms_dir, vm_id)
+        self.qmp_path = os.path.join(self.dir, "qmp.sock")
+        self.log_path = os.path.join(driver.log_dir, f"{vm_id}.log")
+        self.serial_log_path = os.path.join(driver.log_dir, f"{vm_id}.serial.log")
+        self.child: Child | None = None
+        self.qmp: qmplib.QMPProtocol | None = None
+        self.taps: list[str] = []
+        #: What the agent asked for, to name the exit reason when QEMU goes.
+        self._ending: int | None = None
+        self._guest_shutdown = False
+        self._shutdown_timer = None
+        self._stopping: defer.Deferred | None = None
+        self.cdrom_path: str | None = next(
+            (disk.source_path for disk in domain.disks if disk.device == "cdrom"), None)
+        self.ticket_set = False
+
+    # -- persistence
+    def status_changed(self) -> None:
+        self.driver.persist(self)
+
+    def to_state(self) -> dict:
+        return {"vm_id": self.id, "xml": self.domain.xml, "params": self.params,
+                "status": self.status, "status_time": self.status_time,
+                "active": not self.is_down,
+                "child": self.child.to_state() if self.child is not None and self.child.running else None,
+                "qmp_path": self.qmp_path, "log_path": self.log_path, "taps": list(self.taps),
+                "cdrom_path": self.cdrom_path}
+
+    # -- launch
+    @defer.inlineCallbacks
+    def launch(self):
+        """Start QEMU; the VM ends Up, or Down with the reason it could not start."""
+        tap_fds: list[int] = []
+        try:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            nic_fds = {}
+            for index, nic in enumerate(self.domain.nics):
+                name = nic.target_dev or self.driver.tap_name(self.id, index)
+                tap = yield self.driver.privd.create_tap(name, os.getuid(), bridge=nic.bridge)
+                self.taps.append(tap.name)
+                tap_fds.append(tap.fd)
+                nic_fds[nic.mac] = FIRST_TAP_FD + index
+            if self._ending is not None:
+                raise _Aborted()
+            argv = build_argv(self.domain, binary=self.driver.qemu_binary,
+                              kvm=self.driver.kvm, qmp_path=self.qmp_path,
+                              serial_log_path=self.serial_log_path, nic_fds=nic_fds)
+            self.child = spawn(self.driver.reactor, argv,
+                               pass_fds={FIRST_TAP_FD + i: fd for i, fd in enumerate(tap_fds)},
+                               log_path=self.log_path, name=f"qemu-{self.domain.name}",
+                               env=self.driver.child_env())
+        except _Aborted:
+            self._cleanup_taps()
+            self.set_down(st.ExitReason.DESTROYED_ON_STARTUP)
+            return
+        except Exception as e:
+            self.log.failure("VM {vm}: cannot start", vm=self.id)
+            self._cleanup_taps()
+            self.set_down(st.ExitReason.START_FAILED, f"failed to start: {_describe(e)}")
+            return
+        finally:
+            for fd in tap_fds:
+                os.close(fd)  # QEMU holds its own copies now
+        self.pid = self.child.pid
+        self.child.exited.addCallback(self._exited)
+        self.set_status(st.POWERING_UP)
+        try:
+            yield self._attach_monitor()
+            if self._ending is not None:
+                return
+            yield self._set_initial_ticket()
+            state = yield self.qmp.query_status(timeout=self.driver.qmp_timeout)
+            if state in ("prelaunch", "paused"):
+                yield self.qmp.cont(timeout=self.driver.qmp_timeout)
+                state = "running"
+            if state == "running" and self.status == st.POWERING_UP:
+                self.set_status(st.UP)
+        except Exception as e:
+            if self.child.running and self._ending is None:
+                self.log.error("VM {vm}: monitor setup failed ({err}); destroying",
+                               vm=self.id, err=_describe(e))
+                self._ending = st.ExitReason.START_FAILED
+                self._start_failure = f"failed to start: {_describe(e)}"
+                self._terminate()
+
+    @defer.inlineCallbacks
+    def _attach_monitor(self):
+        self.qmp = yield qmplib.connect_qmp(self.driver.reactor, self.qmp_path,
+                                            timeout=self.driver.qmp_connect_timeout,
+                                            event_handler=self._qmp_event)
+        self.qmp.when_closed().addCallback(self._qmp_closed)
+
+    def _qmp_closed(self, _):
+        self.qmp = None
+
+    @defer.inlineCallbacks
+    def _set_initial_ticket(self):
+        for graphics in self.domain.graphics:
+            if graphics.passwd:
+                yield self.qmp.set_password(graphics.type, graphics.passwd,
+                                            timeout=self.driver.qmp_timeout)
+
+    # -- QMP events
+    def _qmp_event(self, name: str, data: dict, timestamp) -> None:
+        if name == "STOP" and self.status in (st.UP, st.POWERING_UP):
+            self.set_status(st.PAUSED)
+        elif name == "RESUME" and self.status in (st.PAUSED, st.POWERING_UP):
+            self.set_status(st.UP)
+        elif name == "SHUTDOWN":
+            self._guest_shutdown = bool(data.get("guest"))
+        elif name == "POWERDOWN" and self.status == st.UP:
+            self.set_status(st.POWERING_DOWN)
+
+    # -- exit
+    def _exited(self, status: ExitStatus) -> None:
+        if self._shutdown_timer is not None and self._shutdown_timer.active():
+            self._shutdown_timer.cancel()
+        self._cleanup_taps()
+        self.driver.forget_state(self)
+        self.pid = None
+        if self._ending == st.ExitReason.START_FAILED:
+            self.set_down(st.ExitReason.START_FAILED,
+                          getattr(self, "_start_failure", "failed to start"))
+        elif self._ending is not None:
+            self.set_down(self._ending)
+        elif self._guest_shutdown and status.code == 0:
+            self.set_down(st.ExitReason.USER_SHUTDOWN)
+        elif status.code == 0:
+            self.set_down(st.ExitReason.SUCCESS)
+        else:
+            tail = _tail(self.log_path, 600)
+            message = f"QEMU {status.describe()}" + (f": {tail.splitlines()[-1]}" if tail else "")
+            self.set_down(st.ExitReason.GENERIC_ERROR, message)
+        if self.qmp is not None:
+            self.qmp.close()
+
+    def _cleanup_taps(self) -> None:
+        taps, self.taps = self.taps, []
+        for name in taps:
+            d = self.driver.privd.delete_tap(name)
+            d.addErrback(lambda f, n=name: self.log.warn(
+                "VM {vm}: tap {tap} not deleted: {err}", vm=self.id, tap=n, err=f.getErrorMessage()))
+
+    # -- control (the verbs)
+    def _require_running(self) -> None:
+        if self.is_down or self.child is None:
+            raise errors.ApiError(f"VM {self.id} is not running ({self.status})")
+        if self.qmp is None:
+            raise errors.GeneralError(f"VM {self.id}: no monitor connection")
+
+    def destroy(self, grace: float | None = None) -> defer.Deferred:
+        """Graceful quit, then SIGTERM, then SIGKILL; fires once QEMU is gone."""
+        if self._ending is None:
+            self._ending = st.ExitReason.ADMIN_SHUTDOWN
+        if self.child is None or not self.child.running:
+            if not self.is_down:
+                self.set_down(self._ending)
+            return defer.succeed(None)
+        return self._terminate(grace)
+
+    def _terminate(self, grace: float | None = None) -> defer.Deferred:
+        if self._stopping is None:
+            self._stopping = defer.ensureDeferred(self._escalate(
+                self.driver.destroy_grace if grace is None else grace))
+        return self._stopping
+
+    async def _escalate(self, grace: float) -> None:
+        reactor = self.driver.reactor
+        exited = self.child.exited
+
+        def waiter(timeout):
+            d = defer.Deferred()
+            timer = reactor.callLater(timeout, lambda: d.called or d.callback(False))
+            exited.addBoth(lambda r: (timer.active() and timer.cancel(),
+                                      d.called or d.callback(True), r)[-1])
+            return d
+
+        if self.qmp is not None and grace > 0:
+            try:
+                await self.qmp.quit(timeout=min(grace, self.driver.qmp_timeout))
+            except qmplib.QMPFailure:
+                pass
+            if await waiter(grace):
+                return
+        for sig, wait in ((signal.SIGTERM, self.driver.sigterm_timeout), (signal.SIGKILL, 30.0)):
+            if not self.child.running:
+                return
+            self.log.info("VM {vm}: sending {sig} to QEMU {pid}", vm=self.id,
+                          sig=signal.Signals(sig).name, pid=self.child.pid)
+            self.child.send_signal(sig)
+            if await waiter(wait):
+                return
+        self.log.error("VM {vm}: QEMU {pid} survived SIGKILL", vm=self.id, pid=self.child.pid)
+
+    def shutdown(self, timeout: float, reboot: bool = False) -> None:
+        """ACPI power button; destroy if the guest is still running after C{timeout}."""
+        self._require_running()
+        if reboot:
+            self.qmp.system_reset(timeout=self.driver.qmp_timeout)
+            return
+        self._ending = st.ExitReason.ADMIN_SHUTDOWN
+        if self.status == st.UP:
+            self.set_status(st.POWERING_DOWN)
+        d = self.qmp.system_powerdown(timeout=self.driver.qmp_timeout)
+        d.addErrback(lambda f: self.log.warn("VM {vm}: powerdown failed: {e}", vm=self.id,
+                                             e=f.getErrorMessage()))
+        if self._shutdown_timer is None or not self._shutdown_timer.active():
+            self._shutdown_timer = self.driver.reactor.callLater(timeout, self._shutdown_expired,
+                                                                 timeout)
+
+    def _shutdown_expired(self, timeout: float) -> None:
+        if self.child is not None and self.child.running:
+            self.log.info("VM {vm}: guest ignored the power button for {t}s; destroying",
+                          vm=self.id, t=timeout)
+            self._terminate()
+
+    @defer.inlineCallbacks
+    def pause(self):
+        self._require_running()
+        yield self.qmp.stop(timeout=self.driver.qmp_timeout)
+        if self.status in (st.UP, st.POWERING_UP):
+            self.set_status(st.PAUSED)
+
+    @defer.inlineCallbacks
+    def cont(self):
+        self._require_running()
+        yield self.qmp.cont(timeout=self.driver.qmp_timeout)
+        if self.status == st.PAUSED:
+            self.set_status(st.UP)
+
+    @defer.inlineCallbacks
+    def reset(self):
+        self._require_running()
+        yield self.qmp.system_reset(timeout=self.driver.qmp_timeout)
+
+    @defer.inlineCallbacks
+    def set_ticket(self, password: str, ttl: int, connected: str):
+        self._require_running()
+        if not self.domain.graphics:
+            raise errors.ApiError(f"VM {self.id} has no graphics device")
+        protocol = self.domain.graphics[0].type
+        yield self.qmp.set_password(protocol, password, connected=connected,
+                                    timeout=self.driver.qmp_timeout)
+        expiry = f"+{ttl}" if ttl > 0 else "never"
+        yield self.qmp.expire_password(protocol, expiry, timeout=self.driver.qmp_timeout)
+        self.ticket_set = True
+
+    @defer.inlineCallbacks
+    def change_cd(self, path: str | None):
+        self._require_running()
+        cdrom = next((d for d in self.domain.disks if d.device == "cdrom"), None)
+        if cdrom is None:
+            raise errors.ApiError(f"VM {self.id} has no CD-ROM drive")
+        device_id = self.driver.cdrom_device_id(cdrom)
+        if path:
+            yield self.qmp.change_medium(device_id, path, format="raw",
+                                         timeout=self.driver.qmp_timeout)
+        else:
+            yield self.qmp.eject(device_id, force=True, timeout=self.driver.qmp_timeout)
+        self.cdrom_path = path or None
+        self.driver.persist(self)
+
+    # -- views
+    def display_info(self) -> list[dict]:
+        return [{"type": g.type, "port": str(g.port or -1), "tlsPort": "-1",
+                 "ipAddress": g.listen or "127.0.0.1"} for g in self.domain.graphics]
+
+
+class _Aborted(Exception):
+    """Destroyed while still launching."""
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
