@@ -277,6 +277,8 @@ class PrivdProtocol(amp.AMP):
         return ordinal
 
     def _reap_sent_fds(self, final: bool = False) -> None:
+        if self._reap_call is not None and self._reap_call.active():
+            self._reap_call.cancel()
         self._reap_call = None
         # Twisted sends queued fds with sendmsg() from doWrite(); until then
         # they sit in the transport's queue and must stay open.
@@ -290,8 +292,6 @@ class PrivdProtocol(amp.AMP):
         self._outgoing_fds = keep
         if keep and not final:
             self._reap_call = self.factory.reactor.callLater(0.01, self._reap_sent_fds)
-        elif final and self._reap_call is not None:
-            self._reap_call.cancel()
 
     # -- the responders
 

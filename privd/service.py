@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import grp
 import os
+import signal
 import socket
 import stat
 from typing import Any
@@ -62,8 +63,11 @@ def _prepare_socket_path(path: str, gid: int) -> None:
 class PrivdService(MultiService):
     """Listens on the configured socket while running."""
 
-    def __init__(self, config: Config, policy: Policy, reactor: Any = None):
+    def __init__(self, config: Config, policy: Policy, reactor: Any = None,
+                 config_path: str | None = None):
         super().__init__()
+        self.config_path = config_path
+        self._previous_sighup = None
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -100,10 +104,39 @@ class PrivdService(MultiService):
                  version=__version__, path=self.socket_path,
                  users=",".join(self.config["privd", "allowed_users"]) or "-",
                  groups=",".join(self.config["privd", "allowed_groups"]) or "-")
-        sdnotify.notify("READY=1")
+        self._previous_sighup = signal.signal(
+            signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        sdnotify.ready("serving on " + self.socket_path)
+
+    def reload(self) -> bool:
+        """SIGHUP: new callers, limits and log level; a bad file changes nothing.
+
+        The socket's path, group and mode stay as started (a restart moves them).
+        """
+        sdnotify.reloading()
+        try:
+            try:
+                config = privd_config.load(self.config_path)
+                policy = Policy.from_config(config)
+            except ConfigError as e:
+                log.error("reload refused, keeping the running configuration: {error}",
+                          error=str(e))
+                return False
+            set_level(config["privd", "log_level"])
+            self.policy = self.factory.policy = policy
+            self.config = config
+            log.info("configuration reloaded (users: {users}; groups: {groups})",
+                     users=",".join(config["privd", "allowed_users"]) or "-",
+                     groups=",".join(config["privd", "allowed_groups"]) or "-")
+            return True
+        finally:
+            sdnotify.ready()
 
     def stopService(self):
-        sdnotify.notify("STOPPING=1")
+        sdnotify.stopping()
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
         super().stopService()
         port, self.port = self.port, None
         if port is None:
@@ -126,4 +159,4 @@ def make_service(config_path: str | None, reactor: Any = None) -> IService:
     config = privd_config.load(config_path)
     set_level(config["privd", "log_level"])
     policy = Policy.from_config(config)  # unknown users/groups stop privd here
-    return PrivdService(config, policy, reactor=reactor)
+    return PrivdService(config, policy, reactor=reactor, config_path=config_path)

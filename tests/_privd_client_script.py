@@ -38,8 +38,10 @@ def read_until(fd: int, marker: bytes, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if ready and marker in os.read(fd, 65536):
-            return True
+        if ready:
+            data = os.read(fd, 65536)
+            if marker in data:
+                return True
     return False
 
 

@@ -85,3 +85,19 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, what: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+_SHARED_CODE: Path | None = None
+
+
+def shared_code_dir() -> Path:
+    """One world-readable copy of the code per test process (for trial tests)."""
+    global _SHARED_CODE
+    if _SHARED_CODE is None:
+        import atexit
+        import tempfile
+
+        base = Path(tempfile.mkdtemp(prefix="vdsm-twisted-code-"))
+        atexit.register(shutil.rmtree, base, True)
+        _SHARED_CODE = code_copy(base)
+    return _SHARED_CODE

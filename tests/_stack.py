@@ -32,6 +32,8 @@ class Stack:
     code_dir: Path
     port: int
     pki_dir: Path
+    images: Path
+    vmlogs: Path
     privd_socket: Path
     agent_conf: Path
     privd_conf: Path
@@ -47,7 +49,7 @@ class Stack:
 
     def start_privd(self, notify: bool = False):
         self.privd = _procs.twistd(self.code_dir, "privd", ["--config", str(self.privd_conf)],
-                                   env=self.env(notify), log_path=self.root / "privd.log")
+                                   env=self.env(notify), log_path=self.root / "logs" / "privd.log")
         _procs.wait_for(lambda: self.privd_socket.exists() or self.privd.poll() is not None,
                         what="privd socket")
         assert self.privd.poll() is None, self.read_log("privd")
@@ -56,7 +58,7 @@ class Stack:
     def start_agent(self, notify: bool = False, wait: bool = True):
         self.agent = _procs.twistd(self.code_dir, "vdsm", ["--config", str(self.agent_conf)],
                                    user="vdsm", env=self.env(notify),
-                                   log_path=self.root / "vdsm.log")
+                                   log_path=self.root / "logs" / "vdsm.log")
         if wait:
             self.wait_serving()
         return self.agent
@@ -75,7 +77,7 @@ class Stack:
     def read_log(self, name: str) -> str:
         text = ""
         for suffix in (".log", ".out"):
-            path = self.root / f"{name}{suffix}"
+            path = self.root / "logs" / f"{name}{suffix}"
             if path.exists():
                 text += path.read_text(errors="replace")
         return text
@@ -102,6 +104,12 @@ class Stack:
         assert rc == 0, f"rc={rc} stderr={err}"
         return json.loads(out)
 
+    def client(self, protocol: str = "stomp"):
+        """A Deferred client of the library (in this process, for trial tests)."""
+        from vdsm_twisted.client import connect
+
+        return connect("localhost", self.port, str(self.pki_dir), protocol=protocol, timeout=30)
+
     def stop(self):
         for proc in (self.agent, self.privd):
             if proc is not None:
@@ -119,6 +127,15 @@ def make_stack(root: Path, code_dir: Path, notify: bool = False) -> Stack:
     run_dir.mkdir()
     vdsm = pwd.getpwnam("vdsm")
     os.chown(run_dir, vdsm.pw_uid, vdsm.pw_gid)
+    logs = root / "logs"
+    logs.mkdir()
+    os.chown(logs, vdsm.pw_uid, vdsm.pw_gid)
+    images = root / "images"
+    images.mkdir()
+    vmlogs = root / "vmlogs"
+    vmlogs.mkdir()
+    os.chown(vmlogs, vdsm.pw_uid, vdsm.pw_gid)
+    os.chmod(images, 0o755)
     privd_dir = root / "privd"
     privd_dir.mkdir()
     os.chmod(privd_dir, 0o755)
@@ -145,6 +162,15 @@ host_uuid_file = {root}/no-such-vdsm.id
 
 [sampling]
 host_stats_interval = 0.5
+vm_stats_interval = 0.5
+
+[vm]
+image_roots = {images}
+log_dir = {vmlogs}
+destroy_grace_timeout = 2
+sigterm_timeout = 2
+qmp_timeout = 3
+vnc_display_base = 40
 """)
     privd_conf = root / "privd.conf"
     privd_conf.write_text(f"""
@@ -153,6 +179,10 @@ socket = {privd_socket}
 socket_group = vdsm
 allowed_users = vdsm
 log_level = debug
+
+[network]
+tap_prefixes = vnet
+bridge_prefixes = vtb
 """)
     for path in (agent_conf, privd_conf):
         os.chmod(path, 0o644)
@@ -162,7 +192,8 @@ log_level = debug
         notify_socket.bind(str(root / "notify.sock"))
         os.chmod(root / "notify.sock", 0o777)
         notify_socket.settimeout(30)
-    return Stack(root=root, code_dir=code_dir, port=port, pki_dir=pki_dir,
+    return Stack(root=root, code_dir=code_dir, port=port, pki_dir=pki_dir, images=images,
+                 vmlogs=vmlogs,
                  privd_socket=privd_socket, agent_conf=agent_conf, privd_conf=privd_conf,
                  notify_socket=notify_socket)
 

@@ -16,9 +16,9 @@ from tests import _procs
 
 
 @pytest.fixture(scope="session")
-def code_dir(tmp_path_factory):
+def code_dir():
     """A world-readable copy of the code, the PYTHONPATH of spawned daemons."""
-    return _procs.code_copy(tmp_path_factory.mktemp("code"))
+    return _procs.shared_code_dir()
 
 
 @pytest.fixture(scope="session")
@@ -31,11 +31,22 @@ def vdsm_user():
 
 
 @pytest.fixture
-def private_dir(tmp_path):
-    """A private run directory that the vdsm user can enter."""
-    os.chmod(tmp_path, 0o755)
-    for parent in tmp_path.parents:
-        if str(parent) in ("/", "/tmp"):
-            break
-        os.chmod(parent, os.stat(parent).st_mode | 0o011)
-    return tmp_path
+def private_dir():
+    """A private run directory that the vdsm user can enter (outside pytest's
+    own 0700 temp tree), removed afterwards."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp(prefix="vdsm-twisted-test-"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cwd(tmp_path_factory):
+    """trial's mktemp() writes under the cwd: keep that out of the checkout."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)

@@ -195,3 +195,19 @@ class SdNotifyTests(unittest.TestCase):
     def test_no_socket_is_a_no_op(self):
         self.assertFalse(sdnotify.notify("READY=1", environ={}))
         self.assertFalse(sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": "/nonexistent/x"}))
+
+
+class LogLevelTests(unittest.TestCase):
+    def test_set_level_filters_and_can_change_back(self):
+        from twisted.logger import LogLevel, PredicateResult
+        from vdsm_twisted.common import logging as vlogging
+
+        self.addCleanup(vlogging.set_level, vlogging.current_level())
+        pred = vlogging._PREDICATE
+        vlogging.set_level("debug")
+        self.assertEqual(pred({"log_level": LogLevel.debug, "log_namespace": "a.b"}),
+                         PredicateResult.maybe)
+        vlogging.set_level("warn")
+        self.assertEqual(pred({"log_level": LogLevel.info, "log_namespace": "a.b"}),
+                         PredicateResult.no)
+        self.assertEqual(vlogging.current_level(), "warn")

@@ -97,7 +97,8 @@ def test_stack_serves_reloads_and_stops(stack):
     for proc in (stack.agent, stack.privd):
         proc.send_signal(signal.SIGTERM)
         _stack.read_notifications(stack.notify_socket, "STOPPING=1")
-        assert proc.wait(20) == 0
+        # twistd re-raises SIGTERM after a clean shutdown (systemd counts that as success).
+        assert proc.wait(20) in (0, -signal.SIGTERM)
     assert not stack.privd_socket.exists()
 
 

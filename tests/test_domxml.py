@@ -3,7 +3,6 @@ Tests for L{vdsm_twisted.virt.domxml}: the supported subset, the refusals
 (each with its exact message) and the input-safety checks.
 """
 
-import os
 import re
 import time
 from pathlib import Path
@@ -544,7 +543,7 @@ def test_nonexistent_disk(root):
     assert d.disks[0].source_path is None and d.disks[0].readonly
 
 
-def test_relative_and_nul_paths(root):
+def test_relative_path(root):
     assert refused(domain(disk_xml("disk.img")), root) == (
         "invalid value 'disk.img' for /domain/devices/disk/source/@file: not "
         "an absolute path")
@@ -682,3 +681,23 @@ def test_custom_properties_anywhere_in_ovirt_vm():
     assert dict(d.custom) == {"viodiskcache": "writeback"}
     with pytest.raises(TypeError):
         d.custom["x"] = "y"
+
+
+def test_resolve_image_path(root, tmp_path):
+    """The public check the VM verbs use for later paths (changeCD)."""
+    from vdsm_twisted.virt.domxml import resolve_image_path
+    roots = [str(root)]
+    assert resolve_image_path(f"{root}/sd1/../disk.img", roots, "driveSpec") \
+        == str(root / "disk.img")
+    with pytest.raises(DomainXMLError) as e:
+        resolve_image_path("/etc/passwd", roots, "driveSpec")
+    assert str(e.value) == ("disk source '/etc/passwd' at driveSpec is "
+                            "outside the image roots")
+    with pytest.raises(DomainXMLError) as e:
+        resolve_image_path(f"{root}/a\0b", roots, "driveSpec")
+    assert str(e.value) == f"invalid value '{root}/a\\x00b' for driveSpec"
+    with pytest.raises(DomainXMLError) as e:
+        resolve_image_path(f"{root}/none.iso", roots, "driveSpec")
+    assert str(e.value).endswith("does not exist or is not a regular file")
+    assert resolve_image_path(f"{root}/none.iso", roots, "x",
+                              must_exist=False) == str(root / "none.iso")

@@ -66,12 +66,28 @@ def _client_proc(code_dir, sock, user, *actions):
         stderr=subprocess.PIPE, **_procs.user_kwargs(user))
 
 
-def _next_line(proc, timeout=15.0) -> dict:
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, "client script said nothing"
-    line = proc.stdout.readline()
-    assert line, f"client script ended: {proc.stderr.read().decode()}"
-    return json.loads(line)
+class _Lines:
+    """JSON lines from a child's stdout, with timeouts (no stdio buffering)."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.buffer = b""
+
+    def ready(self, timeout: float) -> bool:
+        if b"\n" in self.buffer:
+            return True
+        return bool(select.select([self.proc.stdout], [], [], timeout)[0])
+
+    def next(self, timeout: float = 15.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0 and self.ready(remaining), "client script said nothing"
+            data = os.read(self.proc.stdout.fileno(), 65536)
+            assert data, f"client script ended: {self.proc.stderr.read().decode()}"
+            self.buffer += data
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
 
 
 def _run_client(code_dir, sock, user, *actions) -> list[dict]:
@@ -135,11 +151,12 @@ def test_tap_on_bridge_fd_passed_to_vdsm(privd, code_dir):
                         {"op": "wait"},
                         {"op": "delete_tap", "name": tap},
                         {"op": "delete_bridge", "name": bridge})
+    lines = _Lines(proc)
     try:
-        assert _next_line(proc) == {"op": "ensure_bridge", "ok": True, "created": True}
+        assert lines.next() == {"op": "ensure_bridge", "ok": True, "created": True}
         assert os.path.isdir(f"/sys/class/net/{bridge}/bridge")
 
-        created = _next_line(proc)
+        created = lines.next()
         assert created["ok"] is True, created
         link = ip_link(tap)
         assert f"master {bridge}" in link and ",UP" in link, link
@@ -147,7 +164,7 @@ def test_tap_on_bridge_fd_passed_to_vdsm(privd, code_dir):
             assert int(f.read()) == vdsm_uid
 
         # The client wrote a frame to its fd: the kernel received it on the tap.
-        assert _next_line(proc)["op"] == "written"
+        assert lines.next()["op"] == "written"
         _procs.wait_for(lambda: int(open(f"/sys/class/net/{tap}/statistics/rx_packets").read()) >= 1,
                         what="rx_packets to grow")
 
@@ -159,21 +176,18 @@ def test_tap_on_bridge_fd_passed_to_vdsm(privd, code_dir):
             deadline = time.monotonic() + 8
             while time.monotonic() < deadline:
                 raw.send(_frame(marker.encode()))
-                if select.select([proc.stdout], [], [], 0.1)[0]:
+                if lines.ready(0.1):
                     break
-        line = _next_line(proc)
-        if not line["ok"]:
-            print("DEBUG", ip_link(tap), {k: open(f"/sys/class/net/{tap}/statistics/{k}").read().strip() for k in ("tx_packets", "tx_dropped", "rx_packets")}, open(f"/sys/class/net/{tap}/carrier").read(), subprocess.run(["ls", "-l", f"/proc/{proc.pid}/fd"], capture_output=True, text=True).stdout, subprocess.run(["tc", "-s", "qdisc", "show", "dev", tap], capture_output=True, text=True).stdout)
-        assert line == {"op": "read", "ok": True}
+        assert lines.next() == {"op": "read", "ok": True}
 
         # privd kept no copy of the tap's fd.
         assert _tun_fds(privd.proc.pid) == 0
 
         proc.stdin.write(b"go\n")
         proc.stdin.flush()
-        assert _next_line(proc) == {"op": "delete_tap", "ok": True}
+        assert lines.next() == {"op": "delete_tap", "ok": True}
         assert not link_exists(tap) and ip_link(tap) == ""
-        assert _next_line(proc) == {"op": "delete_bridge", "ok": True}
+        assert lines.next() == {"op": "delete_bridge", "ok": True}
         assert not link_exists(bridge)
         assert proc.wait(10) == 0
     finally:

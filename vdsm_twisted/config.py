@@ -99,6 +99,9 @@ SCHEMA = schema([
     Key("vm", "qmp_timeout", "positive-float", "5",
         "Seconds a QMP command may take; a monitor that misses it is reported\n"
         "with monitorResponse -1."),
+    Key("vm", "vnc_display_base", "int", "0",
+        "Autoport VNC consoles take the first free display from this one on\n"
+        "(port 5900 + display), up to 99 above it."),
     Key("vm", "qmp_connect_timeout", "positive-float", "10",
         "Seconds QEMU gets to open its QMP socket after it is started."),
 ])

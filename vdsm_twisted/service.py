@@ -4,6 +4,8 @@ The agent's service tree: what runs, in which order, and how it reloads.
     AgentService (MultiService)
       ├── HostStatsSampler     background host sampling into a cache
       ├── PrivdClient          AMP to privd, reconnecting with backoff
+      ├── QemuDriver           VMs as our own QEMU children (state in run_dir)
+      ├── VmStatsSampler       background VM sampling into each VM's cache
       └── EngineListenerService  mutual TLS on one port: STOMP/JSON-RPC and AMP
 
 READY=1 goes to systemd once the listener is bound; SIGHUP reloads.
@@ -11,6 +13,7 @@ READY=1 goes to systemd once the listener is bound; SIGHUP reloads.
 
 from __future__ import annotations
 
+import os
 import signal
 
 from twisted.application.service import MultiService
@@ -21,6 +24,7 @@ from vdsm_twisted import config as agent_config
 from vdsm_twisted.api.events import EventBus
 from vdsm_twisted.api.host import HostApi
 from vdsm_twisted.api.registry import Api
+from vdsm_twisted.api.vm import HostVmApi, VmApi
 from vdsm_twisted.common import logging as vlogging
 from vdsm_twisted.common import sdnotify
 from vdsm_twisted.common.config import Config, ConfigError
@@ -28,6 +32,9 @@ from vdsm_twisted.host.caps import CapabilitiesCache
 from vdsm_twisted.host.stats import HostStatsSampler
 from vdsm_twisted.privdclient import PrivdClient
 from vdsm_twisted.protocols.listener import EngineListenerService
+from vdsm_twisted.state.store import StateStore
+from vdsm_twisted.virt.qemu.driver import QemuDriver
+from vdsm_twisted.virt.stats import VmStatsSampler
 
 
 class AgentService(MultiService):
@@ -51,7 +58,15 @@ class AgentService(MultiService):
                                  max_delay=config["privd", "reconnect_max_delay"],
                                  reactor=reactor)
         self.privd.setServiceParent(self)
-        self.api = Api([HostApi(self.capabilities, self.sampler)])
+        self.store = StateStore(os.path.join(config["agent", "run_dir"], "state"), reactor=reactor)
+        self.driver = QemuDriver(reactor, config, self.bus, self.privd, self.store)
+        self.driver.setServiceParent(self)
+        self.vm_sampler = VmStatsSampler(self.driver.list, config["sampling", "vm_stats_interval"],
+                                         config["vm", "qmp_timeout"], clock=reactor)
+        self.vm_sampler.setServiceParent(self)
+        host_vms = HostVmApi(self.driver)
+        self.api = Api([HostApi(self.capabilities, self.sampler, vm_list=host_vms.vm_list),
+                        host_vms, VmApi(self.driver)])
         self.listener = EngineListenerService(config, self.api, self.bus, reactor=reactor)
         self.listener.setServiceParent(self)
         self._previous_sighup = None
@@ -61,6 +76,7 @@ class AgentService(MultiService):
         return cls(agent_config.load(path), config_path=path)
 
     def startService(self):
+        self.store.start()
         super().startService()
         self._previous_sighup = signal.signal(
             signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
@@ -82,7 +98,9 @@ class AgentService(MultiService):
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
-        return super().stopService()
+        d = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda r: (self.store.stop(), r)[1])
+        return d
 
     def reload(self) -> bool:
         """SIGHUP: re-read the config; a config that does not parse changes nothing."""
@@ -101,6 +119,8 @@ class AgentService(MultiService):
                 return False
             vlogging.set_level(new["agent", "log_level"])
             self.sampler.set_interval(new["sampling", "host_stats_interval"])
+            self.vm_sampler.set_interval(new["sampling", "vm_stats_interval"])
+            self.driver.configure(new)
             self.capabilities.refresh()
             self.config = new
             self.log.info("configuration reloaded from {source}", source=new.source)

@@ -25,11 +25,13 @@ _PREDICATE = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 
 def set_level(name: str) -> None:
     """Apply a level name (debug, info, warn, error, critical) to every logger."""
+    _PREDICATE.clearLogLevels()  # resets the default ("" namespace) level too
     _PREDICATE.defaultLogLevel = LogLevel.levelWithName(name)
+    _PREDICATE.setLogLevelForNamespace("", _PREDICATE.defaultLogLevel)
 
 
 def current_level() -> str:
-    return _PREDICATE.defaultLogLevel.name
+    return _PREDICATE.logLevelForNamespace("").name
 
 
 def observer_for(twistd_options: Any) -> ILogObserver | None:

@@ -145,11 +145,12 @@ class EngineListenerService(Service):
                           error=failure.getErrorMessage())
         return failure
 
-    def reload_tls(self) -> None:
-        """Re-read cert, key and CA for new connections; raises (keeping the old) on failure."""
+    def reload_tls(self, config=None) -> None:
+        """Re-read cert, key and CA (at C{config}'s paths, when given) for new
+        connections; raises, keeping the old, on failure."""
         if self.tls is None:
             raise RuntimeError("the engine listener is not started")
-        self.tls.reload()
+        self.tls.reload(config)
 
     @property
     def connections(self) -> int:

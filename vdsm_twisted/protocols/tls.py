@@ -103,20 +103,31 @@ class MutualTLS:
         self.key_path = key_path
         self._options = server_options(ca_path, cert_path, key_path)
 
+    @staticmethod
+    def paths_from(config: Config) -> tuple[str, str, str]:
+        pki_dir = config["tls", "pki_dir"]
+        return (resolve(pki_dir, config["tls", "ca_cert"]),
+                resolve(pki_dir, config["tls", "cert"]),
+                resolve(pki_dir, config["tls", "key"]))
+
     @classmethod
     def from_config(cls, config: Config) -> "MutualTLS":
-        pki_dir = config["tls", "pki_dir"]
-        return cls(resolve(pki_dir, config["tls", "ca_cert"]),
-                   resolve(pki_dir, config["tls", "cert"]),
-                   resolve(pki_dir, config["tls", "key"]))
+        return cls(*cls.paths_from(config))
 
-    def reload(self) -> None:
-        """Re-read the files; raises L{TLSConfigError} and keeps the old context on failure."""
+    def reload(self, config: Config | None = None) -> None:
+        """Re-read the files (at the paths of C{config}, when given).
+
+        Raises L{TLSConfigError} and keeps the old context and paths on failure.
+        """
+        paths = (self.ca_path, self.cert_path, self.key_path)
+        if config is not None:
+            paths = self.paths_from(config)
         try:
-            options = server_options(self.ca_path, self.cert_path, self.key_path)
+            options = server_options(*paths)
         except TLSConfigError as e:
             self.log.error("TLS reload failed, keeping the current certificate: {error}", error=e)
             raise
+        self.ca_path, self.cert_path, self.key_path = paths
         self._options = options
         self.log.info("TLS certificate reloaded from {cert}", cert=self.cert_path)
 

@@ -12,6 +12,11 @@ declarations and processing instructions are refused before and after
 parsing (no XXE, no entity expansion); lxml runs without network, DTD
 loading or entity resolution; comments are dropped.
 
+Disk sources are checked here, when the XML is parsed; QEMU opens them by
+path later. The image roots must therefore not be writable by anyone who is
+not trusted to swap a file for a symlink in between (or the driver passes
+opened fds instead of paths).
+
 Supported subset (everything else is refused)
 =============================================
 
@@ -95,7 +100,8 @@ from lxml import etree
 __all__ = [
     "DomainXMLError", "Domain", "Disk", "Nic", "Graphics", "Serial",
     "Channel", "Controller", "Input", "Video", "Memballoon", "Rng", "Cpu",
-    "NumaCell", "Clock", "Timer", "parse_domain", "OVIRT_VM_NS",
+    "NumaCell", "Clock", "Timer", "parse_domain", "resolve_image_path",
+    "OVIRT_VM_NS",
 ]
 
 OVIRT_VM_NS = "http://ovirt.org/vm/1.0"
@@ -460,13 +466,19 @@ def _cpuset(text: str, where: str) -> tuple[int, ...]:
     return tuple(sorted(cpus))
 
 
-def _realpath_within(path: str, roots: Sequence[str], where: str,
-                     must_exist: bool) -> str:
-    if not path.startswith("/"):
+def resolve_image_path(path: str, roots: Sequence[str], where: str,
+                       must_exist: bool = True) -> str:
+    """
+    C{path} with symlinks and C{..} resolved, if that lies inside one of
+    C{roots} (themselves resolved) and, if C{must_exist}, is a regular file;
+    else L{DomainXMLError} naming C{where}. Shared by the parser and the
+    verbs that take an image path later (C{VM.changeCD}).
+    """
+    if not isinstance(path, str) or not path.startswith("/"):
         raise _err(f"invalid value {path!r} for {where}: not an absolute path")
     try:
         real = os.path.realpath(path)
-    except ValueError:
+    except ValueError:           # an embedded NUL
         raise _err(f"invalid value {path!r} for {where}")
     for root in roots:
         root = os.path.realpath(root)
@@ -996,7 +1008,7 @@ def _parse_disk(d: _El, roots: Sequence[str], q35: bool) -> Disk:
     if path is None and device == "disk":
         raise _err(f"missing attribute {d.path}/source/@file")
     if path is not None:
-        kw["source_path"] = _realpath_within(
+        kw["source_path"] = resolve_image_path(
             path, roots, f"{d.path}/source/@file", must_exist=True)
     else:
         kw["source_path"] = None

@@ -44,7 +44,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import os
 import subprocess
 import time
 from typing import Callable, Mapping, Sequence
@@ -52,7 +51,8 @@ from typing import Callable, Mapping, Sequence
 from vdsm_twisted.virt.domxml import Disk, Domain
 
 __all__ = ["ArgvError", "build_argv", "probe_spice", "disk_node_names",
-           "disk_device_id", "nic_device_id", "DEFAULT_HOST_CPU_FLAGS"]
+           "disk_device_id", "device_id", "nic_device_id",
+           "DEFAULT_HOST_CPU_FLAGS"]
 
 #: Flags added to C{-cpu host} (see the module docstring).
 DEFAULT_HOST_CPU_FLAGS = ("migratable=on", "-arch-capabilities")
@@ -74,7 +74,9 @@ def probe_spice(binary: str = "qemu-system-x86_64") -> bool:
                              timeout=30, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return out.returncode == 0 and b"spice options" in out.stdout
+    # It exits 1 even when it lists the options; without SPICE it says
+    # "There is no option group 'spice'" on stderr.
+    return b"spice options" in out.stdout
 
 
 def _esc(value: str) -> str:
@@ -90,6 +92,10 @@ def disk_node_names(disk: Disk) -> tuple[str, str]:
 def disk_device_id(disk: Disk) -> str:
     """The QEMU device id of a disk (what QMP commands address)."""
     return disk.alias or disk.target
+
+
+#: The name the VM layer uses (C{changeCD} addresses the cdrom by it).
+device_id = disk_device_id
 
 
 def nic_device_id(domain: Domain, mac: str) -> str:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 from typing import Any, Sequence
 
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -22,6 +23,7 @@ from vdsm_twisted.api import errors
 from vdsm_twisted.virt import domxml
 from vdsm_twisted.virt import status as st
 from vdsm_twisted.virt.interfaces import IVmDriver
+from vdsm_twisted.virt.qemu.argv import probe_spice
 from vdsm_twisted.virt.qemu.vm import QemuVm
 
 STATE_KIND = "vm"
@@ -48,6 +50,7 @@ class QemuDriver(Service):
         self.store = store
         self.vms: dict[str, QemuVm] = {}
         self.vms_dir = os.path.join(config["agent", "run_dir"], "vms")
+        self.spice_available = False
         self.configure(config)
 
     def configure(self, config) -> None:
@@ -65,12 +68,29 @@ class QemuDriver(Service):
         self.shutdown_timeout = config["vm", "shutdown_timeout"]
         self.qmp_timeout = config["vm", "qmp_timeout"]
         self.qmp_connect_timeout = config["vm", "qmp_connect_timeout"]
+        self.vnc_display_base = config["vm", "vnc_display_base"]
+        # Consoles listen where the engine API listens (oVirt's display network).
+        self.display_address = config["addresses", "management_ip"]
+        if self.display_address in ("", "::"):
+            self.display_address = "0.0.0.0"
 
     # -- Service
     def startService(self):
         super().startService()
         os.makedirs(self.vms_dir, mode=0o700, exist_ok=True)
         os.makedirs(self.log_dir, mode=0o750, exist_ok=True)
+        # Whether this QEMU has SPICE: asked once, off the reactor thread.
+        self.spice_available = False
+        d = threads.deferToThread(probe_spice, self.qemu_binary)
+        d.addCallback(lambda ok: setattr(self, "spice_available", bool(ok)))
+        d.addErrback(lambda f: self.log.warn("cannot probe QEMU for SPICE: {e}",
+                                             e=f.getErrorMessage()))
+
+    @staticmethod
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
 
     def stopService(self):
         # VMs outlive the agent (KillMode=process): stop watching, touch nothing.

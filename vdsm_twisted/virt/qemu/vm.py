@@ -94,9 +94,18 @@ class QemuVm(VmBase):
                 nic_fds[nic.mac] = FIRST_TAP_FD + index
             if self._ending is not None:
                 raise _Aborted()
-            argv = build_argv(self.domain, binary=self.driver.qemu_binary,
-                              kvm=self.driver.kvm, qmp_path=self.qmp_path,
-                              serial_log_path=self.serial_log_path, nic_fds=nic_fds)
+            argv = build_argv(
+                self.domain, binary=self.driver.qemu_binary, kvm=self.driver.kvm,
+                qmp_path=self.qmp_path, serial_log_path=self.serial_log_path, nic_fds=nic_fds,
+                channel_paths={c.name: os.path.join(self.dir, f"ch{i}.sock")
+                               for i, c in enumerate(self.domain.channels) if c.type == "unix"},
+                graphics_ports={g.type: self.driver.free_port() for g in self.domain.graphics
+                                if g.type == "spice" and g.autoport},
+                listen_networks={g.listen_network: self.driver.display_address
+                                 for g in self.domain.graphics if g.listen_network},
+                default_listen=self.driver.display_address,
+                vnc_display_base=self.driver.vnc_display_base,
+                spice=self.driver.spice_available)
             self.child = spawn(self.driver.reactor, argv,
                                pass_fds={FIRST_TAP_FD + i: fd for i, fd in enumerate(tap_fds)},
                                log_path=self.log_path, name=f"qemu-{self.domain.name}",
@@ -121,6 +130,8 @@ class QemuVm(VmBase):
             if self._ending is not None:
                 return
             yield self._set_initial_ticket()
+            yield self._read_display_ports()
+            yield self._apply_link_states()
             state = yield self.qmp.query_status(timeout=self.driver.qmp_timeout)
             if state in ("prelaunch", "paused"):
                 yield self.qmp.cont(timeout=self.driver.qmp_timeout)
@@ -146,6 +157,29 @@ class QemuVm(VmBase):
         self.qmp = None
 
     @defer.inlineCallbacks
+    def _read_display_ports(self):
+        """Autoport graphics: learn the port QEMU picked, for displayInfo."""
+        self.display_ports = {}
+        for graphics in self.domain.graphics:
+            if graphics.type == "vnc":
+                info = yield self.qmp.execute("query-vnc", timeout=self.driver.qmp_timeout)
+                if info.get("enabled") and info.get("service"):
+                    self.display_ports["vnc"] = int(info["service"])
+            elif graphics.type == "spice":
+                info = yield self.qmp.execute("query-spice", timeout=self.driver.qmp_timeout)
+                if info.get("enabled") and info.get("port"):
+                    self.display_ports["spice"] = int(info["port"])
+
+    @defer.inlineCallbacks
+    def _apply_link_states(self):
+        from vdsm_twisted.virt.qemu.argv import nic_device_id
+
+        for nic in self.domain.nics:
+            if nic.link_state == "down":
+                yield self.qmp.execute("set_link", {"name": nic_device_id(self.domain, nic.mac),
+                                                    "up": False}, timeout=self.driver.qmp_timeout)
+
+    @defer.inlineCallbacks
     def _set_initial_ticket(self):
         for graphics in self.domain.graphics:
             if graphics.passwd:
@@ -159,7 +193,17 @@ class QemuVm(VmBase):
         elif name == "RESUME" and self.status in (st.PAUSED, st.POWERING_UP):
             self.set_status(st.UP)
         elif name == "SHUTDOWN":
+            # QEMU runs with -no-shutdown: it stopped and waits for our verdict.
             self._guest_shutdown = bool(data.get("guest"))
+            if data.get("reason") == "guest-reset":
+                return  # a reboot with -no-reboot (on_reboot=destroy): QEMU exits itself
+            if self._guest_shutdown and self._ending is None:
+                if self.domain.on_poweroff == "restart":
+                    self._restart_guest()
+                    return
+                self._ending = st.ExitReason.USER_SHUTDOWN
+            if self._guest_shutdown and self.child is not None and self.child.running:
+                self._terminate()
         elif name == "POWERDOWN" and self.status == st.UP:
             self.set_status(st.POWERING_DOWN)
 
@@ -185,6 +229,14 @@ class QemuVm(VmBase):
             self.set_down(st.ExitReason.GENERIC_ERROR, message)
         if self.qmp is not None:
             self.qmp.close()
+
+    def _restart_guest(self) -> None:
+        """on_poweroff=restart: reset and run again instead of ending."""
+        self._guest_shutdown = False
+        d = self.qmp.system_reset(timeout=self.driver.qmp_timeout)
+        d.addCallback(lambda _: self.qmp.cont(timeout=self.driver.qmp_timeout))
+        d.addErrback(lambda f: self.log.warn("VM {vm}: restart after power-off failed: {e}",
+                                             vm=self.id, e=f.getErrorMessage()))
 
     def _cleanup_taps(self) -> None:
         taps, self.taps = self.taps, []
@@ -314,8 +366,10 @@ class QemuVm(VmBase):
 
     # -- views
     def display_info(self) -> list[dict]:
-        return [{"type": g.type, "port": str(g.port or -1), "tlsPort": "-1",
-                 "ipAddress": g.listen or "127.0.0.1"} for g in self.domain.graphics]
+        ports = getattr(self, "display_ports", {})
+        return [{"type": g.type, "port": str(ports.get(g.type, g.port or -1)), "tlsPort": "-1",
+                 "ipAddress": g.listen or self.driver.display_address}
+                for g in self.domain.graphics]
 
 
 class _Aborted(Exception):
