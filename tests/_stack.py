@@ -114,6 +114,8 @@ class Stack:
         for proc in (self.agent, self.privd):
             if proc is not None:
                 _procs.stop(proc)
+        # VMs outlive the agent by design: the test must end its own QEMUs.
+        subprocess.run(["pkill", "-KILL", "-f", f"qemu-system.*{self.root}/"], capture_output=True)
         if self.notify_socket is not None:
             self.notify_socket.close()
 

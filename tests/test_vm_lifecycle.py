@@ -73,10 +73,19 @@ class VmTestBase(unittest.TestCase):
         subprocess.run(["ip", "link", "add", "name", self.bridge, "type", "bridge"], check=True)
         self.addCleanup(subprocess.run, ["ip", "link", "del", self.bridge], capture_output=True)
         subprocess.run(["ip", "link", "set", self.bridge, "up"], check=True)
+        links_before = set(os.listdir("/sys/class/net"))
+        self.addCleanup(self._delete_new_taps, links_before)
         self.stack.start_privd()
         self.stack.start_agent()
         self.addCleanup(self.stack.stop)
         self.events: list[tuple[str, dict]] = []
+
+    @staticmethod
+    def _delete_new_taps(before: set) -> None:
+        """A failed test may leave taps behind: never let them outlive it."""
+        for link in set(os.listdir("/sys/class/net")) - before:
+            if link.startswith("vnet"):
+                subprocess.run(["ip", "link", "del", link], capture_output=True)
 
     @defer.inlineCallbacks
     def connect(self, protocol="stomp"):

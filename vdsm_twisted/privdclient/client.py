@@ -19,7 +19,8 @@ from typing import Any
 import attr
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import (
+    CancelledError, Deferred, DeferredLock, DeferredSemaphore, fail)
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -143,6 +144,7 @@ class PrivdClient(Service):
     """
 
     def __init__(self, socket_path: str, call_timeout: float = 30.0, max_delay: float = 5.0,
+                 max_in_flight: int = 8,
                  reactor: Any = None):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -151,6 +153,8 @@ class PrivdClient(Service):
         self.socket_path = socket_path
         self.call_timeout = call_timeout
         self._reactor = reactor
+        self._slots = DeferredSemaphore(max_in_flight)
+        self._fd_lock = DeferredLock()
         self._clock = _RetryClock(reactor)
         self._protocol: _PrivdAMP | None = None
         self._known_down = False
@@ -193,7 +197,20 @@ class PrivdClient(Service):
     # -- calls
 
     def call(self, command: type[amp.Command], **kwargs: Any) -> Deferred:
-        """Run C{command} on privd; fires with its response dict."""
+        """Run C{command} on privd; fires with its response dict.
+
+        Calls queue here so privd never sees more than C{max_in_flight} at
+        once (it answers Busy beyond its own limit), and commands answering
+        with a file descriptor run one at a time: AMP pairs descriptors with
+        answers by arrival order, which must not interleave.
+        """
+        if not self.running:
+            return fail(PrivdUnavailable("the privd client is not running"))
+        if any(isinstance(arg, amp.Descriptor) for _, arg in command.response):
+            return self._fd_lock.run(self._slots.run, self._call, command, kwargs)
+        return self._slots.run(self._call, command, kwargs)
+
+    def _call(self, command: type[amp.Command], kwargs: dict) -> Deferred:
         if not self.running:
             return fail(PrivdUnavailable("the privd client is not running"))
         if self._protocol is not None:

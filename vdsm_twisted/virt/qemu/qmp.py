@@ -241,9 +241,15 @@ class QMPProtocol(Protocol):
 
     def set_password(self, protocol: str, password: str, connected: str = "keep",
                      timeout: float | None = None) -> Deferred:
-        """Set the VNC/SPICE ticket (QEMU 7.2: C{protocol}, C{password}, C{connected})."""
-        return self.execute("set_password", {"protocol": protocol, "password": password,
-                                             "connected": connected}, timeout=timeout)
+        """Set the VNC/SPICE ticket.
+
+        QEMU takes C{connected} (what happens to open sessions) for SPICE only;
+        VNC keeps its sessions whatever is asked.
+        """
+        arguments = {"protocol": protocol, "password": password}
+        if protocol == "spice":
+            arguments["connected"] = connected
+        return self.execute("set_password", arguments, timeout=timeout)
 
     def expire_password(self, protocol: str, time: str | int,
                         timeout: float | None = None) -> Deferred:
