@@ -47,6 +47,26 @@ def private_dir():
 def _private_cwd(tmp_path_factory):
     """trial's mktemp() writes under the cwd: keep that out of the checkout."""
     old = os.getcwd()
+    # pytest makes its base 0700; the vdsm user must reach the fixtures' dirs.
+    os.chmod(tmp_path_factory.getbasetemp(), 0o755)
     os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
     os.chdir(old)
+
+
+def pytest_configure(config):
+    """Temp dirs the unprivileged vdsm user can traverse (pytest's own
+    /tmp/pytest-of-root is 0700), removed at the end unless asked to keep."""
+    import tempfile
+
+    if config.option.basetemp is None:
+        base = tempfile.mkdtemp(prefix="vdsm-twisted-pytest-")
+        os.chmod(base, 0o755)
+        config.option.basetemp = base
+        config._vdsm_twisted_basetemp = base
+
+
+def pytest_unconfigure(config):
+    base = getattr(config, "_vdsm_twisted_basetemp", None)
+    if base:
+        shutil.rmtree(base, ignore_errors=True)

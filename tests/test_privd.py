@@ -364,6 +364,30 @@ class PrivdFailureTests(unittest.TestCase):
         return client
 
     @defer.inlineCallbacks
+    def test_concurrent_taps_each_get_their_own_fd(self):
+        """Twenty CreateTap at once: every answer is paired with its own tap's fd."""
+        import fcntl
+        import struct
+        import uuid
+
+        client = self._client(max_in_flight=4)
+        names = [f"vt{uuid.uuid4().hex[:10]}" for _ in range(20)]
+        self.addCleanup(lambda: [subprocess.run(["ip", "link", "del", n], capture_output=True)
+                                 for n in names])
+        taps = yield defer.gatherResults([client.create_tap(n, 995) for n in names])
+        try:
+            self.assertEqual(sorted(t.name for t in taps), sorted(names))
+            for tap in taps:
+                # TUNGETIFF names the interface an fd is attached to.
+                ifr = fcntl.ioctl(tap.fd, 0x800454D2, b"\0" * 40)
+                self.assertEqual(ifr[:16].rstrip(b"\0").decode(), tap.name)
+        finally:
+            for tap in taps:
+                tap.close()
+        yield defer.gatherResults([client.delete_tap(n) for n in names])
+        self.assertEqual([n for n in names if link_exists(n)], [])
+
+    @defer.inlineCallbacks
     def test_kill_during_call_then_restart(self):
         client = self._client(call_timeout=30.0, max_delay=0.5)
         first = yield client.ping()

@@ -207,8 +207,14 @@ class PrivdClient(Service):
         if not self.running:
             return fail(PrivdUnavailable("the privd client is not running"))
         if any(isinstance(arg, amp.Descriptor) for _, arg in command.response):
-            return self._fd_lock.run(self._slots.run, self._call, command, kwargs)
-        return self._slots.run(self._call, command, kwargs)
+            queued = self._fd_lock.run(self._slots.run, self._call, command, kwargs)
+        else:
+            queued = self._slots.run(self._call, command, kwargs)
+        # A Deferred that fires only with the outcome (the queue's own
+        # Deferreds count as "called" while they wait on the call).
+        result: Deferred = Deferred(lambda _: queued.cancel())
+        queued.addCallbacks(result.callback, result.errback)
+        return result
 
     def _call(self, command: type[amp.Command], kwargs: dict) -> Deferred:
         if not self.running:
