@@ -426,8 +426,10 @@ def test_unsupported_domain(extra, message):
      "invalid value 'pc,accel=tcg' for /domain/os/type/@machine"),
     ("<os><type>hvm</type><loader readonly='yes'>/x.fd</loader></os>",
      "unsupported element /domain/os/loader"),
-    ("<os><type>hvm</type><kernel>/boot/vmlinuz</kernel></os>",
-     "unsupported element /domain/os/kernel"),
+    ("<os><type>hvm</type><dtb>/boot/x.dtb</dtb></os>",
+     "unsupported element /domain/os/dtb"),
+    ("<os><type>hvm</type><initarg>x</initarg></os>",
+     "unsupported element /domain/os/initarg"),
     ("<os><type>hvm</type><boot dev='usb'/></os>",
      "unsupported value 'usb' for /domain/os/boot/@dev"),
     ("<os><type>hvm</type><smbios mode='host'/></os>",
@@ -701,3 +703,114 @@ def test_resolve_image_path(root, tmp_path):
     assert str(e.value).endswith("does not exist or is not a regular file")
     assert resolve_image_path(f"{root}/none.iso", roots, "x",
                               must_exist=False) == str(root / "none.iso")
+
+
+# -- direct kernel boot, ACPI, domain type ---------------------------------
+
+def kernel_os(root, kernel="vmlinuz", initrd="initrd.img", cmdline=None,
+              extra=""):
+    parts = ["<os><type arch='x86_64' machine='pc'>hvm</type>"]
+    if kernel is not None:
+        parts.append(f"<kernel>{root}/{kernel}</kernel>")
+    if initrd is not None:
+        parts.append(f"<initrd>{root}/{initrd}</initrd>")
+    if cmdline is not None:
+        parts.append(f"<cmdline>{cmdline}</cmdline>")
+    return "".join(parts) + extra + "</os>"
+
+
+@pytest.fixture
+def boot_root(root):
+    (root / "vmlinuz").write_bytes(b"kernel")
+    (root / "initrd.img").write_bytes(b"initrd")
+    return root
+
+
+def test_direct_kernel_boot(boot_root):
+    d = parse(domain(os_=kernel_os(boot_root, cmdline="console=ttyS0 "
+                                   "guest.x=1 root=/dev/vda1")), boot_root)
+    assert (d.kernel, d.initrd, d.cmdline) == (
+        str(boot_root / "vmlinuz"), str(boot_root / "initrd.img"),
+        "console=ttyS0 guest.x=1 root=/dev/vda1")
+
+
+def test_kernel_alone_and_with_boot_devices(boot_root):
+    d = parse(domain(os_=kernel_os(boot_root, initrd=None,
+                                   extra="<boot dev='hd'/>")), boot_root)
+    assert (d.kernel, d.initrd, d.cmdline) == (
+        str(boot_root / "vmlinuz"), None, None)
+    assert d.boot_devices == ("hd",)
+    assert parse(domain()).kernel is None
+
+
+def test_kernel_paths_are_resolved(boot_root):
+    (boot_root / "sd1" / "k").symlink_to(boot_root / "vmlinuz")
+    d = parse(domain(os_=kernel_os(boot_root, kernel="sd1/images/../k",
+                                   initrd=None)), boot_root)
+    assert d.kernel == str(boot_root / "vmlinuz")
+
+
+def test_empty_cmdline_is_none(boot_root):
+    d = parse(domain(os_=kernel_os(boot_root, cmdline="")), boot_root)
+    assert d.cmdline is None
+
+
+def test_kernel_outside_roots(boot_root, tmp_path):
+    (tmp_path / "evil").write_bytes(b"x")
+    msg = refused(domain(os_=kernel_os(tmp_path, kernel="evil",
+                                       initrd=None)), boot_root)
+    assert msg == (f"disk source '{tmp_path}/evil' at /domain/os/kernel is "
+                   "outside the image roots")
+    msg = refused(domain(os_="<os><type>hvm</type><kernel>/boot/vmlinuz"
+                             "</kernel></os>"))
+    assert msg.endswith("at /domain/os/kernel is outside the image roots")
+
+
+def test_initrd_symlink_escaping(boot_root, tmp_path):
+    (tmp_path / "secret").write_bytes(b"x")
+    (boot_root / "link").symlink_to(tmp_path / "secret")
+    msg = refused(domain(os_=kernel_os(boot_root, initrd="link")), boot_root)
+    assert msg == (f"disk source '{boot_root}/link' at /domain/os/initrd is "
+                   "outside the image roots")
+
+
+@pytest.mark.parametrize("os_, message", [
+    (lambda r: kernel_os(r, kernel="nope", initrd=None),
+     "disk source '@ROOT@/nope' at /domain/os/kernel does not exist or is "
+     "not a regular file"),
+    (lambda r: kernel_os(r, kernel="sd1", initrd=None),
+     "disk source '@ROOT@/sd1' at /domain/os/kernel does not exist or is not "
+     "a regular file"),
+    (lambda r: kernel_os(r, kernel=None),
+     "invalid /domain/os/initrd: it needs /domain/os/kernel"),
+    (lambda r: kernel_os(r, kernel=None, initrd=None, cmdline="quiet"),
+     "invalid /domain/os/cmdline: it needs /domain/os/kernel"),
+    (lambda r: "<os><type>hvm</type><kernel> </kernel></os>",
+     "missing value for /domain/os/kernel"),
+    (lambda r: kernel_os(r) .replace("<kernel>", "<kernel x='1'>"),
+     "unsupported attribute /domain/os/kernel/@x"),
+    (lambda r: kernel_os(r, extra=f"<kernel>{r}/vmlinuz</kernel>"),
+     "duplicate element /domain/os/kernel"),
+    (lambda r: kernel_os(r, cmdline="a&#10;b"),
+     "invalid value 'a\\nb' for /domain/os/cmdline: at most 2047 bytes, no "
+     "control characters"),
+    (lambda r: kernel_os(r, cmdline="x" * 2048),
+     f"invalid value '{'x' * 2048}' for /domain/os/cmdline: at most 2047 "
+     "bytes, no control characters"),
+])
+def test_invalid_direct_boot(boot_root, os_, message):
+    msg = refused(domain(os_=os_(boot_root)), boot_root)
+    assert msg == message.replace("@ROOT@", str(boot_root))
+
+
+def test_longest_cmdline(boot_root):
+    d = parse(domain(os_=kernel_os(boot_root, cmdline="x" * 2047)), boot_root)
+    assert d.cmdline == "x" * 2047
+
+
+def test_acpi_and_domain_type():
+    assert parse(domain()).acpi is False
+    d = parse(domain(extra="<features><acpi/></features>",
+                     attrs='type="qemu"'))
+    assert (d.acpi, d.domain_type) == (True, "qemu")
+    assert parse(domain()).domain_type == "kvm"

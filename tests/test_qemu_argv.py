@@ -512,3 +512,104 @@ def test_real_qemu_disks(tmp_path, accel):
         assert len(qmp("query-cpus-fast")) == 2
     run_qemu(argv, qmp_path, check)
     assert log.exists()
+
+
+# -- direct kernel boot, ACPI, domain type ---------------------------------
+
+def test_direct_kernel_boot(tmp_path):
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    (tmp_path / "initrd,1.img").write_bytes(b"i")
+    d = domain(os_=f"<os><type>hvm</type><boot dev='hd'/>"
+                   f"<kernel>{tmp_path}/vmlinuz</kernel>"
+                   f"<initrd>{tmp_path}/initrd,1.img</initrd>"
+                   "<cmdline>console=ttyS0 a=b,c  quiet</cmdline></os>",
+               roots=[tmp_path])
+    argv = build_argv(d, kvm=True, qmp_path=QMP)
+    i = argv.index("-kernel")
+    # Plain strings for QEMU: nothing to escape, not even commas.
+    assert argv[i - 3:i + 6] == [
+        "-no-shutdown", "-boot", "order=c",
+        "-kernel", f"{tmp_path}/vmlinuz",
+        "-initrd", f"{tmp_path}/initrd,1.img",
+        "-append", "console=ttyS0 a=b,c  quiet"]
+
+
+def test_kernel_without_initrd_or_cmdline(tmp_path):
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    d = domain(os_=f"<os><type>hvm</type><kernel>{tmp_path}/vmlinuz</kernel>"
+                   "</os>", roots=[tmp_path])
+    argv = build_argv(d, kvm=True, qmp_path=QMP)
+    assert opt(argv, "-kernel") == f"{tmp_path}/vmlinuz"
+    assert "-initrd" not in argv and "-append" not in argv
+    assert "-kernel" not in build_argv(domain(), kvm=True, qmp_path=QMP)
+
+
+def test_acpi_only_with_the_feature():
+    assert opt(build_argv(domain(), kvm=True, qmp_path=QMP), "-machine") == \
+        "pc,usb=off,dump-guest-core=off,acpi=off"
+    d = domain(extra="<features><acpi/><apic/></features>")
+    assert opt(build_argv(d, kvm=True, qmp_path=QMP), "-machine") == \
+        "pc,usb=off,dump-guest-core=off"
+
+
+def qemu_type_domain(extra=""):
+    return parse_domain(
+        f'<domain type="qemu"><name>t</name><uuid>{UUID}</uuid>'
+        f'<memory unit="MiB">64</memory>{extra}</domain>', [])
+
+
+def test_domain_type_qemu_forces_tcg():
+    """libvirt's type="qemu" is TCG even where KVM works."""
+    d = qemu_type_domain("<cpu mode='host-passthrough'/><clock><timer "
+                         "name='pit' tickpolicy='delay'/></clock>")
+    for kvm in (True, False):
+        argv = build_argv(d, kvm=kvm, qmp_path=QMP)
+        assert opt(argv, "-accel") == "tcg"
+        assert opt(argv, "-cpu") == "max,-arch-capabilities"
+        assert "-global" not in argv
+    kvm_type = domain(extra="<cpu mode='host-passthrough'/>")
+    assert opt(build_argv(kvm_type, kvm=True, qmp_path=QMP), "-accel") == "kvm"
+    assert opt(build_argv(kvm_type, kvm=False, qmp_path=QMP),
+               "-accel") == "tcg"
+
+
+def test_real_qemu_direct_kernel_boot(tmp_path):
+    """
+    The test guest (tests/_guest.py) boots from -kernel/-initrd/-append,
+    under TCG although kvm=True (type="qemu"), and powers off through ACPI:
+    QEMU (-no-shutdown) reports a guest SHUTDOWN and stops.
+    """
+    from tests import _guest
+    kernel, initrd = _guest.guest_files(tmp_path)
+    d = parse_domain(_guest.linux_domain_xml(
+        UUID, "t", kernel, initrd, "guest.poweroff_after=0"), [str(tmp_path)])
+    qmp_path = str(tmp_path / "qmp.sock")
+    log = tmp_path / "serial.log"
+    argv = build_argv(d, kvm=True, qmp_path=qmp_path,
+                      serial_log_path=str(log))
+    assert opt(argv, "-accel") == "tcg"
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    qmp = None
+    try:
+        qmp = Qmp(qmp_path, proc, time.monotonic() + 15)
+        qmp("qmp_capabilities")
+        qmp("cont")
+        deadline = time.monotonic() + 30
+        while qmp("query-status")["status"] != "shutdown":
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        [event] = [e for e in qmp.events if e["event"] == "SHUTDOWN"]
+        assert event["data"] == {"guest": True, "reason": "guest-shutdown"}
+        text = log.read_text()
+        assert _guest.READY in text and _guest.POWEROFF in text, text
+        assert _guest.ERROR not in text, text
+        qmp("quit")
+        assert proc.wait(15) == 0
+    finally:
+        if qmp is not None:
+            qmp.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()

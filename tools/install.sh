@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 VENV=${VDSM_TWISTED_VENV:-/opt/vdsm-twisted/venv}
 APT_PACKAGES=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev
               qemu-system-x86 qemu-utils iproute2 nftables dnsmasq-base
-              libvirt-daemon-system busybox-static)
+              libvirt-daemon-system busybox-static linux-image-cloud-amd64)
 
 if [ "$(id -u)" != 0 ]; then
     echo "install.sh: run as root (it installs packages and creates the vdsm user)" >&2

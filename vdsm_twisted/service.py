@@ -19,8 +19,10 @@ import signal
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from vdsm_twisted import config as agent_config
+from vdsm_twisted.api.admin import HostAdminApi
 from vdsm_twisted.api.events import EventBus
 from vdsm_twisted.api.host import HostApi
 from vdsm_twisted.api.registry import Api
@@ -28,6 +30,8 @@ from vdsm_twisted.api.vm import HostVmApi, VmApi
 from vdsm_twisted.common import logging as vlogging
 from vdsm_twisted.common import sdnotify
 from vdsm_twisted.common.config import Config, ConfigError
+from vdsm_twisted.continuity import handoff
+from vdsm_twisted.continuity.upgrade import BLOCKED, Upgrader
 from vdsm_twisted.host.caps import CapabilitiesCache
 from vdsm_twisted.host.stats import HostStatsSampler
 from vdsm_twisted.privdclient import PrivdClient
@@ -65,11 +69,16 @@ class AgentService(MultiService):
                                          config["vm", "qmp_timeout"], clock=reactor)
         self.vm_sampler.setServiceParent(self)
         host_vms = HostVmApi(self.driver)
+        self.upgrader = Upgrader(self, reactor)
         self.api = Api([HostApi(self.capabilities, self.sampler, vm_list=host_vms.vm_list),
-                        host_vms, VmApi(self.driver)])
+                        host_vms, HostAdminApi(self.upgrader), VmApi(self.driver)])
         self.listener = EngineListenerService(config, self.api, self.bus, reactor=reactor)
         self.listener.setServiceParent(self)
-        self._previous_sighup = None
+        self._previous_signals: dict[int, object] = {}
+        # After an upgrade re-exec: what the previous image handed over.
+        self.handoff = handoff.take(os.environ.pop(handoff.ENV, None))
+        if self.handoff is not None:
+            self.listener.adopt = self.handoff["listening"][0]
 
     @classmethod
     def from_config_path(cls, path: str | None) -> "AgentService":
@@ -77,12 +86,39 @@ class AgentService(MultiService):
 
     def startService(self):
         self.store.start()
+        self.api.recovering = True
         super().startService()
-        self._previous_sighup = signal.signal(
-            signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
+        for signum, handler in ((signal.SIGHUP, self.reload),
+                                (signal.SIGUSR2, self._upgrade_signal)):
+            self._previous_signals[signum] = signal.signal(
+                signum, lambda *_, h=handler: self._reactor.callFromThread(h))
+        recovered = self.driver.recover(self.handoff["children"] if self.handoff else None)
+        if self.handoff is not None:
+            claimed = self.driver.claimed_fds | {fd["fd"] for fd in self.handoff["listening"]}
+            closed = handoff.close_unclaimed(self.handoff, claimed)
+            self.log.info("upgrade: new image adopted the listening socket and {n} child(ren); "
+                          "closed {closed} unclaimed inherited fd(s)",
+                          n=len(self.handoff["children"]), closed=len(closed))
+            # Signals of the exec window reach our handlers now: the ones the
+            # old image recorded, then the ones pending since it blocked them.
+            for signum in self.handoff.get("signals", []):
+                self.log.info("upgrade: signal {sig} arrived during the exec; handling it",
+                              sig=signal.Signals(signum).name)
+                os.kill(os.getpid(), signum)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
+        recovered.addBoth(self._recovered)
         d = defer.maybeDeferred(lambda: self.listener.listening)
         d.addCallback(self._serving)
         d.addErrback(self._failed_to_listen)
+
+    def _recovered(self, result):
+        self.api.recovering = False
+        if isinstance(result, Failure):
+            self.log.failure("VM recovery failed", result)
+
+    def _upgrade_signal(self):
+        d = defer.maybeDeferred(self.upgrader.request, "SIGUSR2")
+        d.addErrback(lambda f: self.log.error("upgrade: {e}", e=f.getErrorMessage()))
 
     def _serving(self, _):
         self.log.info("vdsm-twisted agent serving on port {port} (config: {source})",
@@ -95,9 +131,9 @@ class AgentService(MultiService):
 
     def stopService(self):
         sdnotify.stopping()
-        if self._previous_sighup is not None:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
-            self._previous_sighup = None
+        for signum, previous in self._previous_signals.items():
+            signal.signal(signum, previous)
+        self._previous_signals = {}
         d = defer.maybeDeferred(super().stopService)
         d.addBoth(lambda r: (self.store.stop(), r)[1])
         return d

@@ -56,6 +56,9 @@ class Api:
             self._handlers[method.name] = handler
         #: True while VMs are being re-attached; VM calls answer code 99.
         self.recovering = False
+        #: Calls running now (an upgrade drains them before it execs).
+        self.in_flight = 0
+        self._idle_waiters: list[tuple[int, defer.Deferred]] = []
 
     def call(self, name: Any, params: Any, context: CallContext) -> defer.Deferred:
         """Run one call; the Deferred fires with its result or an L{ApiError}."""
@@ -73,8 +76,26 @@ class Api:
         self.log.debug("{proto} {peer} flow={flow} calls {method}",
                        proto=context.protocol, peer=context.peer,
                        flow=context.flow_id, method=name)
+        self.in_flight += 1
         d = defer.maybeDeferred(self._handlers[name], **kwargs)
         d.addErrback(self._as_api_error, name, context)
+        d.addBoth(self._call_done)
+        return d
+
+    def _call_done(self, result):
+        self.in_flight -= 1
+        ready = [(allowed, d) for allowed, d in self._idle_waiters if self.in_flight <= allowed]
+        self._idle_waiters = [w for w in self._idle_waiters if w not in ready]
+        for _, waiter in ready:
+            waiter.callback(None)
+        return result
+
+    def idle(self, allowed: int = 0) -> defer.Deferred:
+        """Fires once at most C{allowed} calls run (the caller's own, say)."""
+        if self.in_flight <= allowed:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idle_waiters.append((allowed, d))
         return d
 
     def _as_api_error(self, failure, name, context):

@@ -150,6 +150,12 @@ METHODS: tuple[Method, ...] = (
        Param("vmList", LIST, "VM ids."),
        returns="object {vmId: xml}", idempotent=True),
 
+    _m("Host", "upgrade",
+       "Re-exec the agent in place on the installed code, keeping every VM and the "
+       "listening socket (a reload when the code did not change). Answered before "
+       "the exec; clients are dropped and reconnect.",
+       returns="object {status}"),
+
     _m("VM", "create",
        "Define and start a VM from libvirt domain XML (vmParams.xml). Answers at once "
        "with status WaitForLaunch; |virt|VM_status| events follow (Up, or Down with "

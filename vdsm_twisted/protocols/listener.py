@@ -9,6 +9,8 @@ directly (AMP), and get events from the agent's L{EventBus}.
 
 from __future__ import annotations
 
+import os
+
 from typing import Any, Callable
 
 from twisted.application.service import Service
@@ -106,6 +108,10 @@ class EngineListenerService(Service):
         self.listening: defer.Deferred | None = None
         self._listening_port: IListeningPort | None = None
         self._remove_sinks: list[Callable[[], None]] = []
+        #: A listening socket inherited across an upgrade re-exec, to adopt
+        #: instead of binding: connections queued in its backlog meanwhile
+        #: are served, none is refused.
+        self.adopt: dict | None = None
 
     def _build_amp(self) -> IProtocol:
         return EngineAMP(self.api, self.amp_hub,
@@ -126,6 +132,15 @@ class EngineListenerService(Service):
         self.factory = LimitedTLSFactory(self.tls, sniffer,
                                          config["limits", "max_connections"], self.reactor)
         ip = config["addresses", "management_ip"]
+        if self.adopt is not None:
+            fd, family = self.adopt["fd"], self.adopt["family"]
+            try:
+                port = self.reactor.adoptStreamPort(fd, family, self.factory)
+            finally:
+                os.close(fd)  # adoptStreamPort works on its own dup
+            self.listening = defer.succeed(port)
+            self.listening.addCallback(self._bound)
+            return
         endpoint_type = TCP6ServerEndpoint if ":" in ip else TCP4ServerEndpoint
         endpoint = endpoint_type(self.reactor, config["addresses", "management_port"],
                                  backlog=config["addresses", "backlog"], interface=ip)
@@ -151,6 +166,41 @@ class EngineListenerService(Service):
         if self.tls is None:
             raise RuntimeError("the engine listener is not started")
         self.tls.reload(config)
+
+    # -- upgrade re-exec support
+    def pause_accepting(self) -> None:
+        """Leave new connections in the kernel's backlog (not refused)."""
+        if self._listening_port is not None:
+            self._listening_port.stopReading()
+
+    def resume_accepting(self) -> None:
+        if self._listening_port is not None:
+            self._listening_port.startReading()
+
+    def handoff(self) -> list[dict]:
+        """The listening socket(s) the next image adopts."""
+        if self._listening_port is None:
+            return []
+        sock = self._listening_port.socket
+        return [{"fd": sock.fileno(), "family": int(sock.family), "name": "engine"}]
+
+    def close_connections(self, timeout: float) -> defer.Deferred:
+        """Close every client connection (flushing what was written), abort
+        the ones still open after C{timeout}; fires when all are gone."""
+        protocols = list(self.factory.protocols) if self.factory is not None else []
+        lost = [proto.lost for proto in protocols]
+        for proto in protocols:
+            proto.transport.loseConnection()
+
+        def abort_rest():
+            for proto in protocols:
+                if not proto.lost.called:
+                    proto.abortConnection()
+
+        timer = self.reactor.callLater(timeout, abort_rest)
+        d = defer.gatherResults(lost, consumeErrors=True)
+        d.addBoth(lambda r: timer.active() and timer.cancel())
+        return d
 
     @property
     def connections(self) -> int:

@@ -20,7 +20,9 @@ opened fds instead of paths).
 Supported subset (everything else is refused)
 =============================================
 
-C{<domain type="kvm|qemu">} (the agent picks the accelerator, not C{type}).
+C{<domain type="kvm|qemu">}, with libvirt's meaning: C{qemu} runs the guest
+under TCG (emulation) even where KVM works; C{kvm} uses KVM where the host
+has it (the driver falls back to TCG where C{/dev/kvm} is unusable).
 
 - C{<name>} (required; no C{/}, no control characters), C{<uuid>}
   (required), C{<title>}, C{<description>} (ignored).
@@ -38,9 +40,16 @@ C{<domain type="kvm|qemu">} (the agent picks the accelerator, not C{type}).
   C{host-passthrough}: QEMU has no host-model, libvirt computes one.
 - C{<os>}: C{<type arch="x86_64" machine=...>hvm</type>} (machine defaults
   to C{pc}), C{<boot dev="hd|cdrom|network|fd">}, C{<bootmenu enable>},
-  C{<smbios mode="sysinfo|emulate">}.
+  C{<smbios mode="sysinfo|emulate">}, and direct kernel boot:
+  C{<kernel>PATH</kernel>}, C{<initrd>PATH</initrd>} (needs a kernel),
+  C{<cmdline>TEXT</cmdline>} (needs a kernel; printable, at most 2047
+  bytes, the x86 limit). Kernel and initrd are resolved and checked like
+  disk sources: regular files inside the image roots, since QEMU reads them
+  with the agent's rights.
 - C{<sysinfo type="smbios"><system><entry name>} (SMBIOS type 1).
-- C{<features>}: C{<acpi/>}, C{<apic/>}, C{<pae/>}, C{<vmcoreinfo/>}.
+- C{<features>}: C{<acpi/>} (without it the machine has no ACPI, as in
+  libvirt: no power button, so C{VM.shutdown} can only time out), C{<apic/>},
+  C{<pae/>}, C{<vmcoreinfo/>}.
 - C{<clock offset="utc|localtime|variable" [basis] [adjustment]>} with
   timers C{rtc} (tickpolicy catchup|delay), C{pit} (tickpolicy delay),
   C{hpet} and C{kvmclock} (present yes|no).
@@ -264,6 +273,9 @@ class Domain:
     numa: tuple[NumaCell, ...] = ()
     boot_devices: tuple[str, ...] = ()  # <os><boot dev>, in order
     boot_menu: bool | None = None
+    kernel: str | None = None    # direct kernel boot: realpath'd
+    initrd: str | None = None    # realpath'd
+    cmdline: str | None = None
     acpi: bool = False
     apic: bool = False
     vmcoreinfo: bool = False
@@ -546,9 +558,9 @@ def parse_domain(xml: str | bytes, image_roots: Sequence[str],
     """
     Read libvirt domain XML into a L{Domain}, or raise L{DomainXMLError}.
 
-    Disk sources are resolved (symlinks, C{..}) and must lie inside one of
-    C{image_roots}; checking happens here, once, so the command line only
-    ever names files the agent accepted.
+    Disk sources, kernels and initrds are resolved (symlinks, C{..}) and
+    must lie inside one of C{image_roots}; checking happens here, once, so
+    the command line only ever names files the agent accepted.
     """
     text, root = _load(xml, max_size)
     if root.tag != "domain":
@@ -588,7 +600,7 @@ def parse_domain(xml: str | bytes, image_roots: Sequence[str],
     _parse_metadata(dom, kw)
     _parse_memory(dom, kw)
     _parse_vcpu_cpu(dom, kw)
-    _parse_os(dom, kw)
+    _parse_os(dom, kw, image_roots)
     _parse_sysinfo(dom, kw)
     _parse_features(dom, kw)
     _parse_clock(dom, kw)
@@ -737,11 +749,12 @@ def _parse_numa(numa: _El, maxv: int, memory_kib: int) -> tuple:
 _BOOT_DEVS = ("hd", "cdrom", "network", "fd")
 
 
-def _parse_os(dom: _El, kw: dict) -> None:
+def _parse_os(dom: _El, kw: dict, roots: Sequence[str]) -> None:
     os_el = dom.child("os")
     if os_el is None:
         return
-    os_el.check(children=("type", "boot", "bootmenu", "smbios"))
+    os_el.check(children=("type", "boot", "bootmenu", "smbios", "kernel",
+                          "initrd", "cmdline"))
     typ = os_el.child("type")
     if typ is not None:
         typ.check(attrs=("arch", "machine"))
@@ -770,6 +783,37 @@ def _parse_os(dom: _El, kw: dict) -> None:
     if smbios is not None:
         smbios.check(attrs=("mode",))
         smbios.choice("mode", ("sysinfo", "emulate"))
+    _parse_direct_boot(os_el, kw, roots)
+
+
+#: Linux's COMMAND_LINE_SIZE on x86, including the terminating NUL.
+_MAX_CMDLINE = 2048
+
+
+def _parse_direct_boot(os_el: _El, kw: dict, roots: Sequence[str]) -> None:
+    """<kernel>, <initrd>, <cmdline>: QEMU loads the kernel itself."""
+    for tag in ("kernel", "initrd"):
+        el = os_el.child(tag)
+        if el is None:
+            continue
+        el.check()
+        if not el.text:
+            raise _err(f"missing value for {el.path}")
+        kw[tag] = resolve_image_path(el.text, roots, el.path, must_exist=True)
+    cmdline = os_el.child("cmdline")
+    if cmdline is not None:
+        cmdline.check()
+        text = cmdline.text
+        if (len(text.encode("utf-8")) >= _MAX_CMDLINE
+                or any(ord(c) < 32 or ord(c) == 127 for c in text)):
+            raise _err(f"invalid value {text!r} for {cmdline.path}: at most "
+                       f"{_MAX_CMDLINE - 1} bytes, no control characters")
+        kw["cmdline"] = text or None
+    if "kernel" not in kw:
+        for tag in ("initrd", "cmdline"):
+            if os_el.child(tag) is not None:
+                raise _err(f"invalid /domain/os/{tag}: it needs "
+                           "/domain/os/kernel")
 
 
 _SMBIOS_SYSTEM = ("manufacturer", "product", "version", "serial", "uuid",

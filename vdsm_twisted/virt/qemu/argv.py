@@ -35,6 +35,14 @@ Decisions (the supervisor and QMP code rely on them):
    (privd creates the taps); vhost is not used.
  - The CD-ROM device always exists, with a stable id (its alias, else its
    target), so C{blockdev-change-medium id=...} can insert media later.
+ - Accelerator: C{-accel kvm} only when the caller says KVM works
+   (C{kvm=True}) and the domain is not C{type="qemu"}; libvirt's
+   C{type="qemu"} means TCG, on any host.
+ - ACPI: C{acpi=off} on the machine unless the domain has C{<acpi/>}
+   (libvirt's rule). Without ACPI there is no power button to press, so
+   C{VM.shutdown} can only end in its destroy fallback.
+ - Direct kernel boot: C{-kernel}, C{-initrd}, C{-append}, each its own
+   argv element (plain strings for QEMU, no option syntax to escape).
  - C{-sandbox on} with obsolete, elevateprivileges, spawn and resourcecontrol
    denied (QEMU's seccomp filter).
 """
@@ -308,7 +316,8 @@ def build_argv(domain: Domain, *, kvm: bool, qmp_path: str,
     """
     The command line that runs C{domain}, paused (C{-S}).
 
-    @param kvm: use KVM, else TCG.
+    @param kvm: KVM is usable on this host; it is used unless the domain is
+        C{type="qemu"}, which always gets TCG.
     @param qmp_path: the QMP UNIX socket QEMU creates (listening, no wait).
     @param serial_log_path: where the guest's serial console is written
         (appended); None discards it.
@@ -324,6 +333,7 @@ def build_argv(domain: Domain, *, kvm: bool, qmp_path: str,
     nic_fds = nic_fds or {}
     channel_paths = channel_paths or {}
     d = domain
+    kvm = kvm and d.domain_type != "qemu"
     machine = f"{d.machine},usb=off,dump-guest-core=off"
     if not d.acpi:
         machine += ",acpi=off"
@@ -371,6 +381,12 @@ def build_argv(domain: Domain, *, kvm: bool, qmp_path: str,
         boot.append("strict=on")
     if boot:
         argv += ["-boot", ",".join(boot)]
+    if d.kernel is not None:
+        argv += ["-kernel", d.kernel]
+        if d.initrd is not None:
+            argv += ["-initrd", d.initrd]
+        if d.cmdline is not None:
+            argv += ["-append", d.cmdline]
 
     argv += _controllers(d)
     for disk in d.disks:

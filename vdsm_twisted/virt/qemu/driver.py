@@ -12,7 +12,9 @@ import hashlib
 import os
 import shutil
 import socket
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+import attr
 
 from twisted.application.service import Service
 from twisted.internet import defer, threads
@@ -20,6 +22,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from vdsm_twisted.api import errors
+from vdsm_twisted.children import scan
+from vdsm_twisted.children.process import Child, Identity, IdentityMismatch
 from vdsm_twisted.virt import domxml
 from vdsm_twisted.virt import status as st
 from vdsm_twisted.virt.interfaces import IVmDriver
@@ -27,6 +31,10 @@ from vdsm_twisted.virt.qemu.argv import probe_spice
 from vdsm_twisted.virt.qemu.vm import QemuVm
 
 STATE_KIND = "vm"
+
+
+def _looks_like_uuid(name: str) -> bool:
+    return len(name) == 36 and name.count("-") == 4
 
 
 def kvm_usable(path: str = "/dev/kvm") -> bool:
@@ -51,6 +59,8 @@ class QemuDriver(Service):
         self.vms: dict[str, QemuVm] = {}
         self.vms_dir = os.path.join(config["agent", "run_dir"], "vms")
         self.spice_available = False
+        #: Inherited fds taken over by adopted children (after an upgrade re-exec).
+        self.claimed_fds: set[int] = set()
         self.configure(config)
 
     def configure(self, config) -> None:
@@ -152,9 +162,126 @@ class QemuDriver(Service):
         vm = QemuVm(self, vm_id, domain, params)
         self.vms[vm_id] = vm
         self.log.info("VM {vm} ({name}): created", vm=vm_id, name=domain.name)
+        # The XML also lives beside the QMP socket: if the state document is
+        # ever lost, a QEMU found in /proc can still be understood.
+        os.makedirs(vm.dir, mode=0o700, exist_ok=True)
+        with open(os.path.join(vm.dir, "domain.xml"), "w") as f:
+            f.write(domain.xml)
         self.persist(vm)
         vm.launch()
         return vm.definition()
+
+    # -- recovery: crash restart and upgrade re-exec
+    def recover(self, inherited: Mapping[str, dict] | None = None) -> defer.Deferred:
+        """Re-attach every VM that kept running while this agent was away.
+
+        C{inherited}: vm id -> child state whose fds are open in this process
+        (an upgrade re-exec); otherwise children are found through the state
+        documents (pid + start time + exe), or, where a document is missing or
+        corrupt, through /proc (our uuid and run directory on the command line).
+        """
+        inherited = dict(inherited or {})
+        docs, refused = self.store.load_all(STATE_KIND)
+        by_id = {doc.key: doc for doc in docs}
+        ids = set(by_id) | {os.path.basename(path)[:-len(".json")] for path, _ in refused}
+        if os.path.isdir(self.vms_dir):
+            ids |= {name for name in os.listdir(self.vms_dir) if _looks_like_uuid(name)}
+        ids |= set(inherited)
+        found = None
+        adoptions = []
+        for vm_id in sorted(ids):
+            doc = by_id.get(vm_id)
+            if doc is None or vm_id in inherited:
+                pass
+            elif not doc.data.get("active") or not doc.data.get("child"):
+                self._discard(vm_id)
+                continue
+            if doc is None and vm_id not in inherited:
+                if found is None:
+                    found = scan.find_qemus(self.vms_dir)
+                if vm_id not in found:
+                    self._discard(vm_id)
+                    continue
+            try:
+                d = self._recover_one(vm_id, doc, inherited.get(vm_id),
+                                      found.get(vm_id) if found else None)
+            except Exception:
+                self.log.failure("VM {vm}: recovery failed; left alone", vm=vm_id)
+                continue
+            if d is not None:
+                adoptions.append(d)
+        return defer.DeferredList(adoptions, consumeErrors=True).addCallback(
+            lambda _: self.log.info("recovery done: {n} VM(s) re-attached",
+                                    n=sum(1 for vm in self.vms.values() if not vm.is_down)))
+
+    def prepare_handoff(self) -> dict[str, dict]:
+        """Just before an exec: every running child's state, saved synchronously."""
+        children = {}
+        for vm in self.vms.values():
+            if vm.child is not None and vm.child.running:
+                children[vm.id] = vm.child.to_state()
+                self.store.save_now(STATE_KIND, vm.id, vm.to_state())
+        return children
+
+    def release_monitors(self) -> None:
+        for vm in self.vms.values():
+            if vm.qmp is not None:
+                vm.qmp.transport.abortConnection()
+
+    def _discard(self, vm_id: str) -> None:
+        """Nothing runs for this id any more: drop its leftovers."""
+        self.store.remove(STATE_KIND, vm_id)
+        shutil.rmtree(os.path.join(self.vms_dir, vm_id), ignore_errors=True)
+
+    def _recover_one(self, vm_id, doc, inherited_child, found):
+        data = doc.data if doc is not None else {}
+        xml = data.get("xml")
+        if xml is None:
+            try:
+                with open(os.path.join(self.vms_dir, vm_id, "domain.xml")) as f:
+                    xml = f.read()
+            except OSError:
+                self.log.error("VM {vm}: QEMU {pid} runs but its definition is lost; left alone",
+                               vm=vm_id, pid=found.pid if found else "?")
+                return None
+        domain = domxml.parse_domain(xml, self.image_roots, max_size=self.max_xml_size)
+        vm = QemuVm(self, vm_id, domain, data.get("params") or {})
+        taps = data.get("taps")
+        if taps is None:
+            taps = [nic.target_dev or self.tap_name(vm_id, i) for i, nic in enumerate(domain.nics)]
+        try:
+            if inherited_child is not None:
+                self.claimed_fds.update(fd for fd in (inherited_child.get("pidfd"),
+                                                      inherited_child.get("output_fd"))
+                                        if fd is not None)
+                child = Child.adopt(self.reactor, inherited_child, inherited=True)
+            elif data.get("child"):
+                child = Child.adopt(self.reactor, data["child"], inherited=False)
+            else:
+                identity = Identity.of(found.pid)
+                self.log.warn("VM {vm}: state lost; adopting QEMU {pid} found in /proc",
+                              vm=vm_id, pid=found.pid)
+                child = Child.adopt(self.reactor, {**attr.asdict(identity), "log_path": vm.log_path,
+                                                   "name": f"qemu-{domain.name}"}, inherited=False)
+        except IdentityMismatch as e:
+            self.log.error("VM {vm}: not adopted, {why}", vm=vm_id, why=str(e))
+            vm.taps = list(taps)
+            self.vms[vm_id] = vm
+            vm._cleanup_taps()
+            vm.set_down(st.ExitReason.DOMAIN_MISSING,
+                        f"QEMU gone while the agent was away; {e}")
+            self._discard(vm_id)
+            return None
+        except ProcessLookupError:
+            self.log.warn("VM {vm}: QEMU exited while the agent was away", vm=vm_id)
+            vm.taps = list(taps)
+            self.vms[vm_id] = vm
+            vm._cleanup_taps()
+            vm.set_down(st.ExitReason.DOMAIN_MISSING, "QEMU exited while the agent was away")
+            self._discard(vm_id)
+            return None
+        self.vms[vm_id] = vm
+        return vm.adopt(child, data.get("status", st.UP), taps, data.get("cdrom_path"))
 
     @defer.inlineCallbacks
     def destroy(self, vm_id: str, grace: float | None = None):

@@ -78,6 +78,46 @@ class QemuVm(VmBase):
                 "qmp_path": self.qmp_path, "log_path": self.log_path, "taps": list(self.taps),
                 "cdrom_path": self.cdrom_path}
 
+    # -- adoption (crash restart or upgrade re-exec)
+    @defer.inlineCallbacks
+    def adopt(self, child: Child, status: str, taps: list[str], cdrom_path: str | None):
+        """Take over a QEMU that kept running while the agent was away."""
+        self.child = child
+        self.pid = child.pid
+        self.taps = list(taps)
+        self.cdrom_path = cdrom_path
+        self.status = status if status in st.RUNNING else st.POWERING_UP
+        child.exited.addCallback(self._exited)
+        if not child.running:
+            return
+        try:
+            yield self._attach_monitor()
+            self.display_ports = {}
+            yield self._read_display_ports()
+            state = yield self.qmp.query_status(timeout=self.driver.qmp_timeout)
+        except Exception as e:
+            # The process is ours and alive; without a monitor it is still
+            # reported (monitorResponse -1) and can be destroyed by signals.
+            self.monitor_responsive = False
+            self.log.error("VM {vm}: adopted, but its monitor is unusable: {err}",
+                           vm=self.id, err=_describe(e))
+            return
+        if state == "prelaunch":
+            # The agent went away between spawn and cont: finish the launch.
+            yield self.qmp.cont(timeout=self.driver.qmp_timeout)
+            state = "running"
+        if state == "running":
+            self.set_status(st.UP)
+        elif state in ("paused", "suspended", "io-error"):
+            self.set_status(st.PAUSED)
+        elif state == "shutdown":
+            # Powered off (-no-shutdown) while nobody watched: finish it.
+            self._guest_shutdown = True
+            self._ending = st.ExitReason.USER_SHUTDOWN
+            self._terminate()
+        self.log.info("VM {vm} ({name}): adopted QEMU {pid}, {state}", vm=self.id,
+                      name=self.domain.name, pid=child.pid, state=state)
+
     # -- launch
     @defer.inlineCallbacks
     def launch(self):
@@ -148,9 +188,18 @@ class QemuVm(VmBase):
 
     @defer.inlineCallbacks
     def _attach_monitor(self):
-        self.qmp = yield qmplib.connect_qmp(self.driver.reactor, self.qmp_path,
-                                            timeout=self.driver.qmp_connect_timeout,
-                                            event_handler=self._qmp_event)
+        connecting = qmplib.connect_qmp(self.driver.reactor, self.qmp_path,
+                                        timeout=self.driver.qmp_connect_timeout,
+                                        event_handler=self._qmp_event)
+
+        def gave_up(status):
+            # QEMU is gone: stop knocking on its socket.
+            if not connecting.called:
+                connecting.cancel()
+            return status
+
+        self.child.exited.addCallback(gave_up)
+        self.qmp = yield connecting
         self.qmp.when_closed().addCallback(self._qmp_closed)
 
     def _qmp_closed(self, _):

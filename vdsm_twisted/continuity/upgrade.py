@@ -1,0 +1,179 @@
+"""
+Upgrade = re-exec in place (seed 001; DESIGN.md "State, reload, upgrade, crash").
+
+    request ─▶ code unchanged? ─▶ reload (SIGHUP path)
+       │
+       ▼
+    stop accepting ─▶ drain calls (deadline) ─▶ preflight subprocess ─┬▶ refused: resume, old image serves
+                                                                      ▼
+    block HUP/TERM/USR1/USR2/CHLD ─▶ save state + handoff ─▶ close clients ─▶ execv (same pid)
+
+The new image finds the handoff, adopts the listening socket (connections
+wait in its backlog meanwhile), re-adopts every child through its inherited
+pidfd and pipe, closes the fds it did not claim, then unblocks the signals
+(see L{vdsm_twisted.service.AgentService}).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+from twisted.internet import defer, utils
+from twisted.logger import Logger
+
+from vdsm_twisted.common import sdnotify
+from vdsm_twisted.continuity import handoff
+from vdsm_twisted.continuity.codeid import installed_code_digest
+
+#: Signals held pending from the save to the end of the new image's adoption.
+BLOCKED = {signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD}
+
+
+class UpgradeInProgress(Exception):
+    """A second upgrade request while one runs."""
+
+
+def exec_argv(orig_argv: list[str]) -> list[str]:
+    """The command line for the next image: twistd in the foreground, no pid file.
+
+    The pid does not change across exec, so an existing pid file stays right;
+    a new one would collide with ourselves ("another twistd is running").
+    """
+    argv = list(orig_argv)
+    try:
+        start = next(i for i, a in enumerate(argv) if a in ("vdsm",))
+    except StopIteration:
+        raise ValueError(f"cannot find the twistd plugin name in {argv!r}") from None
+    head, tail = argv[:start], argv[start:]
+    cleaned, skip = [], False
+    for arg in head:
+        if skip:
+            skip = False
+            continue
+        if arg in ("-n", "--nodaemon") or arg.startswith("--pidfile="):
+            continue
+        if arg == "--pidfile":
+            skip = True
+            continue
+        cleaned.append(arg)
+    return cleaned + ["--nodaemon", "--pidfile="] + tail
+
+
+class Upgrader:
+    log = Logger()
+
+    def __init__(self, agent: Any, reactor: Any, drain_timeout: float = 10.0,
+                 preflight_timeout: float = 60.0):
+        self.agent = agent
+        self.reactor = reactor
+        self.drain_timeout = drain_timeout
+        self.preflight_timeout = preflight_timeout
+        self.started_digest = installed_code_digest()
+        self.in_progress = False
+        #: Replaced in tests; the real thing never returns.
+        self.execv = os.execv
+
+    @defer.inlineCallbacks
+    def request(self, reason: str, own_calls: int = 0):
+        """Upgrade (or reload, when the code did not change); fires with what happened.
+
+        C{own_calls}: API calls of the requester itself, not waited for.
+        """
+        if self.in_progress:
+            raise UpgradeInProgress("an upgrade is already in progress")
+        self.in_progress = True
+        try:
+            if installed_code_digest() == self.started_digest:
+                self.log.info("upgrade requested ({reason}) but the installed code did not "
+                              "change: reloading instead", reason=reason)
+                self.agent.reload()
+                self.in_progress = False
+                return "reloaded"
+            self.log.info("upgrade requested ({reason}): draining", reason=reason)
+            self.agent.listener.pause_accepting()
+            drained = self.agent.api.idle(allowed=own_calls)
+            drained.addTimeout(self.drain_timeout, self.reactor)
+            try:
+                yield drained
+            except defer.TimeoutError:
+                self.log.warn("upgrade: {n} call(s) still running after {t}s; going on",
+                              n=self.agent.api.in_flight - own_calls, t=self.drain_timeout)
+            ok, why = yield self.preflight()
+            if not ok:
+                self.log.error("upgrade refused, the old image keeps serving: {why}", why=why)
+                self.agent.listener.resume_accepting()
+                self.in_progress = False
+                return "refused: " + why
+        except Exception:
+            self.agent.listener.resume_accepting()
+            self.in_progress = False
+            raise
+        # Answer the caller first; the exec happens on a later turn.
+        self.reactor.callLater(0, self._exec)
+        return "upgrading"
+
+    @defer.inlineCallbacks
+    def preflight(self):
+        args = ["-m", "vdsm_twisted.continuity.preflight"]
+        if self.agent.config_path:
+            args += ["--config", self.agent.config_path]
+        args.append(self.agent.store.directory)
+        d = utils.getProcessOutputAndValue(sys.executable, args, env=dict(os.environ),
+                                           reactor=self.reactor)
+        d.addTimeout(self.preflight_timeout, self.reactor)
+        try:
+            out, err, code = yield d
+        except defer.TimeoutError:
+            return False, f"preflight did not finish within {self.preflight_timeout}s"
+        if code != 0:
+            text = (err or out).decode("utf-8", "replace").strip().splitlines()
+            return False, text[-1] if text else f"preflight exited with {code}"
+        return True, ""
+
+    @defer.inlineCallbacks
+    def _exec(self):
+        """Point of no return (unless exec itself fails).
+
+        From here on, HUP/TERM/USR1/USR2 are recorded rather than acted on and
+        handed to the new image; once only this thread is left they are
+        blocked, so one arriving in the last instant stays pending across the
+        exec (a signal mask and pending set survive execve).
+        """
+        sdnotify.reloading()
+        recorded: list[int] = []
+        previous = {sig: signal.signal(sig, lambda s, _f: recorded.append(s))
+                    for sig in BLOCKED - {signal.SIGCHLD}}
+        pool = getattr(self.reactor, "threadpool", None)
+        try:
+            # Clients are dropped (TLS state cannot cross an exec); they reconnect.
+            yield self.agent.listener.close_connections(timeout=1.0)
+            self.agent.driver.release_monitors()
+            self.agent.store.stop()
+            if pool is not None:
+                pool.stop()  # no thread may take a signal meant for the next image
+            signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
+            children = self.agent.driver.prepare_handoff()
+            path = os.path.join(self.agent.config["agent", "run_dir"], "handoff.json")
+            handoff.write(path, self.agent.listener.handoff(), children,
+                          {"reason": "upgrade", "signals": recorded})
+            argv = exec_argv(sys.orig_argv)
+            os.environ[handoff.ENV] = path
+            self.log.info("upgrade: exec {argv}", argv=" ".join(argv))
+            self.execv(sys.executable, argv)
+        except Exception:
+            self.log.failure("upgrade: exec failed; the old image keeps serving")
+            os.environ.pop(handoff.ENV, None)
+            self.agent.store.start()
+            if pool is not None and not pool.started:
+                pool.start()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
+            for sig in recorded:
+                os.kill(os.getpid(), sig)
+            self.agent.listener.resume_accepting()
+            self.in_progress = False
+            sdnotify.ready()
