@@ -45,11 +45,15 @@ async def measure(agent: h.Agent, vms: int) -> dict:
 
     client, events = await h.connect(agent)
     try:
+        await h.sleep(INTERVAL)
+        fresh = await rss(agent.pid)
+        # What an engine does first when it adds a host.
         await client.call("Host.getCapabilities", timeout=60)
         await client.call("Host.getAllVmStats")
         await h.sleep(2 * INTERVAL)
         idle = await rss(agent.pid)
-        h.progress(f"0 VMs: VmRSS {idle / 1024:.1f} MiB; creating {vms} VMs")
+        h.progress(f"0 VMs: VmRSS {fresh / 1024:.1f} MiB before any call, {idle / 1024:.1f} MiB "
+                   f"after getCapabilities; creating {vms} VMs")
         ids = [str(uuid.uuid4()) for _ in range(vms)]
         for start in range(0, vms, 10):
             batch = ids[start:start + 10]
@@ -67,10 +71,11 @@ async def measure(agent: h.Agent, vms: int) -> dict:
         await client.call("Host.getVMFullList")
         busy = await rss(agent.pid)
         hwm = h.status_kib(agent.pid, "VmHWM")
+        anon = h.status_kib(agent.pid, "RssAnon")
         h.progress(f"{vms} VMs: VmRSS {busy / 1024:.1f} MiB (peak {hwm / 1024:.1f}); destroying")
         await defer.gatherResults([client.call("VM.destroy", {"vmID": vm_id}, timeout=120)
                                    for vm_id in ids], consumeErrors=True)
-        return {"idle": idle, "busy": busy, "hwm": hwm}
+        return {"fresh": fresh, "idle": idle, "busy": busy, "hwm": hwm, "anon": anon}
     finally:
         await client.close()
 
@@ -104,9 +109,11 @@ def main() -> int:
             agent.stop()
 
     print(f"agent RSS (VmRSS, median of {READINGS} readings)")
-    print(f"  0 VMs:   {result['idle'] / 1024:.1f} MiB")
-    print(f"  {args.vms} VMs: {result['busy'] / 1024:.1f} MiB  "
-          f"(+{(result['busy'] - result['idle']) / max(1, args.vms):.0f} KiB per VM; "
+    print(f"  0 VMs, connected, before any call:  {result['fresh'] / 1024:.1f} MiB")
+    print(f"  0 VMs, after Host.getCapabilities:  {result['idle'] / 1024:.1f} MiB")
+    print(f"  {args.vms} VMs:                             {result['busy'] / 1024:.1f} MiB  "
+          f"(anonymous {result['anon'] / 1024:.1f} MiB; "
+          f"+{(result['busy'] - result['idle']) / max(1, args.vms):.0f} KiB per VM; "
           f"peak VmHWM {result['hwm'] / 1024:.1f} MiB)")
     print("  target: <= 60 MiB with 50 VMs (VDSM: ~150 MB)")
     print(f"ratio: {result['busy'] / TARGET_KIB:.2f} (agent RSS with {args.vms} VMs / 60 MiB)")

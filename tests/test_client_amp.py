@@ -37,6 +37,9 @@ class FakeAmpServer(amp.AMP):
             return defer.Deferred()
         if method == "Test.hold":
             return defer.Deferred()
+        if f.recovering.get(method, 0) > 0:
+            f.recovering[method] -= 1
+            return {"response": {"error": {"code": 99, "message": "Recovering"}}}
         if method == "VM.getStats":
             return {"response": {"error": {"code": 1, "message": "no VM with that id"}}}
         if method == "Test.broken":
@@ -60,6 +63,7 @@ class FakeAmpServerFactory(Factory):
         self.connections = []
         self.calls = []
         self.drop_once = set()
+        self.recovering = {}  # method -> how many more calls answer code 99
         self._waiting = {}
 
     def wait(self, what):
@@ -115,6 +119,19 @@ class AmpClientTests(unittest.TestCase):
             big = {"xml": "x" * 200_000}
             result = await client.call("VM.create", big)
             self.assertEqual(result["params"], big)
+        return self.run_async(go())
+
+    def test_recovery_in_progress_is_waited_out_by_idempotent_calls_only(self):
+        from vdsm_twisted.api.errors import RecoveryInProgress
+
+        async def go():
+            client = await self._connect()
+            self.server.recovering = {"Host.getVMList": 3, "VM.destroy": 1}
+            result = await client.call("Host.getVMList", timeout=10)
+            self.assertEqual(result["method"], "Host.getVMList")
+            self.assertEqual(self.server.recovering["Host.getVMList"], 0)
+            with self.assertRaises(RecoveryInProgress):
+                await client.call("VM.destroy", {"vmID": "x"})
         return self.run_async(go())
 
     def test_api_error_rebuilt(self):

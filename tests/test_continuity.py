@@ -17,6 +17,7 @@ from pathlib import Path
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from tests import _procs, _stack
@@ -51,12 +52,19 @@ class ContinuityBase(VmTestBase):
         finally:
             _procs.shared_code_dir = real
 
-    def install_new_build(self, breaking: bool = False) -> None:
-        """Rewrite a module of the installed code (as a package upgrade would)."""
-        target = self.code / "vdsm_twisted" / "_version.py"
+    def install_new_build(self, breaking: bool = False, crashing: bool = False) -> None:
+        """Rewrite a module of the installed code (as a package upgrade would).
+
+        C{breaking}: it cannot even be imported (preflight catches it);
+        C{crashing}: it imports fine but fails while starting (preflight cannot).
+        """
+        target = self.code / "vdsm_twisted" / ("tap.py" if crashing else "_version.py")
         text = target.read_text()
         if breaking:
             text += "\nraise ImportError('this build is broken')\n"
+        elif crashing:
+            text += ("\n\ndef makeService(options):\n"
+                     "    raise RuntimeError('this build crashes at start-up')\n")
         else:
             text += f"\n# rebuilt {time.time()}\n"
         target.write_text(text)
@@ -166,6 +174,15 @@ class UpgradeTests(ContinuityBase):
         yield self.wait_log("upgrade: new image adopted the listening socket")
         info = yield client.call("VM.getInfo", {"vmID": vm_id})
         self.assertEqual(info["status"], "Up")
+        # The package post-install step: vdsm-twisted-tool upgrade (over the API).
+        self.install_new_build()
+        proc = yield deferToThread(subprocess.run, [
+            _procs.PYTHON, "-m", "vdsm_twisted.tool.cli", "upgrade", "--host", "localhost",
+            "--port", str(self.stack.port), "--pki", str(self.stack.pki_dir)],
+            env=_procs.env_for(self.code), capture_output=True, text=True, timeout=120)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(proc.stdout.strip(), "upgrading")
+        yield self.wait_log("upgrade: new image adopted the listening socket", count=2)
 
     @defer.inlineCallbacks
     def test_preflight_failure_leaves_the_old_image_serving(self):
@@ -179,6 +196,39 @@ class UpgradeTests(ContinuityBase):
         self.assertTrue((yield client.call("Host.ping2")))
         info = yield client.call("VM.getInfo", {"vmID": vm_id})
         self.assertEqual(info["status"], "Up")
+
+    @defer.inlineCallbacks
+    def test_a_new_build_crashing_at_startup_falls_back_and_keeps_the_vms(self):
+        client = yield self.connect()
+        ids = yield self.start_vms(client, 2)
+        pids = {vm_id: qemu_pids(vm_id) for vm_id in ids}
+        agent_pid = self.stack.agent.pid
+        yield self.wait_log("serving on port")
+        yield sleep(0.5)  # the code snapshot (the fallback) is taken in a thread
+        self.install_new_build(crashing=True)
+        os.kill(agent_pid, signal.SIGUSR2)
+        yield self.wait_log("falling back to the previous build")
+        yield self.wait_log("this is the previous build again")
+        yield self.wait_log("upgrade: new image adopted the listening socket")
+        self.assertIn("this build crashes at start-up", self.stack.read_log("vdsm"))
+        self.assertEqual(self.stack.agent.pid, agent_pid)
+        self.assertIsNone(self.stack.agent.poll())
+        listed = yield client.call("Host.getVMList", timeout=60)
+        self.assertEqual(sorted((v["vmId"], v["status"]) for v in listed),
+                         sorted((vm_id, "Up") for vm_id in ids))
+        for vm_id in ids:
+            self.assertEqual(qemu_pids(vm_id), pids[vm_id])
+        # The handoff was consumed by the fallback image; a fixed build upgrades normally.
+        self.assertFalse((self.stack.root / "run" / "handoff.json").exists())
+        target = self.code / "vdsm_twisted" / "tap.py"
+        target.write_text(target.read_text().split("\n\ndef makeService(options):\n    raise")[0])
+        self.install_new_build()
+        answer = yield client.call("Host.upgrade", timeout=60)
+        self.assertEqual(answer["status"]["message"], "upgrading")
+        yield self.wait_log("upgrade: new image adopted the listening socket", count=2)
+        yield self.wait_log("recovery done", count=3)
+        listed = yield client.call("Host.getVMList", timeout=60)
+        self.assertEqual(len(listed), 2)
 
     @defer.inlineCallbacks
     def test_qemu_killed_during_the_exec_window_is_down_with_its_signal(self):

@@ -80,8 +80,9 @@ class GuestOsTests(unittest.TestCase):
         xml = _guest.linux_domain_xml(vm_id, name, self.kernel, self.initrd, cmdline_extra)
         result = yield client.call("VM.create", {"vmID": vm_id, "vmParams": {"xml": xml}})
         self.assertEqual(result["vmId"], vm_id)
-        yield self.wait_status(vm_id, "Up")
-        yield self.wait_serial(vm_id, _guest.READY)
+        # Generous: TCG is CPU-bound, and a loaded host slows the boot (~2.5 s idle).
+        yield self.wait_status(vm_id, "Up", timeout=60)
+        yield self.wait_serial(vm_id, _guest.READY, timeout=60)
         return vm_id
 
     @defer.inlineCallbacks

@@ -66,3 +66,17 @@ class StoreTests(unittest.TestCase):
     def test_decode_errors(self):
         self.assertRaises(StateError, decode, b"[]")
         self.assertRaises(StateError, decode, encode("vm", "k", {}), "net")
+
+
+def test_twistd_args_from_every_kind_of_launch():
+    from vdsm_twisted.continuity.upgrade import exec_argv, twistd_args
+
+    tail = ["--logfile", "/l", "vdsm", "--config", "/c"]
+    assert twistd_args(["python", "-c", "code", *tail]) == tail
+    assert twistd_args(["python", "-u", "/usr/bin/twistd", *tail]) == tail
+    assert twistd_args(["python", "/run/x/launcher.py", "--handoff", "h", "--fallback", "f",
+                        "--", *tail]) == tail
+    assert exec_argv(["python", "/usr/bin/twistd", "--pidfile", "/p", "vdsm", "--config", "/c"]) \
+        == ["--nodaemon", "--pidfile=", "vdsm", "--config", "/c"]
+    assert exec_argv(["python", "/usr/bin/twistd", "-n", "--pidfile=/p", "-l", "/l", "vdsm"]) \
+        == ["-l", "/l", "--nodaemon", "--pidfile=", "vdsm"]

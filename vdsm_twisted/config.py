@@ -65,6 +65,12 @@ SCHEMA = schema([
         "File holding this host's uuid, if any; otherwise the DMI product uuid,\n"
         "then /etc/machine-id, is used."),
 
+    Key("agent", "upgrade_drain_timeout", "positive-float", "10",
+        "Upgrade: seconds in-flight API calls get to finish before the exec."),
+    Key("agent", "upgrade_confirm_timeout", "positive-float", "60",
+        "Upgrade: seconds the new build gets to serve again and re-adopt every VM;\n"
+        "past that (or if it exits) the same process falls back to the previous build."),
+
     # -- sampling
     Key("sampling", "host_stats_interval", "positive-float", "2",
         "Seconds between host statistics samples (CPU, memory, NIC rates)."),

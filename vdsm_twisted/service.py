@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from twisted.application.service import MultiService
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -30,7 +31,7 @@ from vdsm_twisted.api.vm import HostVmApi, VmApi
 from vdsm_twisted.common import logging as vlogging
 from vdsm_twisted.common import sdnotify
 from vdsm_twisted.common.config import Config, ConfigError
-from vdsm_twisted.continuity import handoff
+from vdsm_twisted.continuity import codeid, handoff
 from vdsm_twisted.continuity.upgrade import BLOCKED, Upgrader
 from vdsm_twisted.host.caps import CapabilitiesCache
 from vdsm_twisted.host.stats import HostStatsSampler
@@ -69,14 +70,20 @@ class AgentService(MultiService):
                                          config["vm", "qmp_timeout"], clock=reactor)
         self.vm_sampler.setServiceParent(self)
         host_vms = HostVmApi(self.driver)
-        self.upgrader = Upgrader(self, reactor)
+        self.upgrader = Upgrader(self, reactor,
+                                 drain_timeout=config["agent", "upgrade_drain_timeout"])
+        self.upgrader.confirm_timeout = config["agent", "upgrade_confirm_timeout"]
         self.api = Api([HostApi(self.capabilities, self.sampler, vm_list=host_vms.vm_list),
                         host_vms, HostAdminApi(self.upgrader), VmApi(self.driver)])
         self.listener = EngineListenerService(config, self.api, self.bus, reactor=reactor)
         self.listener.setServiceParent(self)
         self._previous_signals: dict[int, object] = {}
         # After an upgrade re-exec: what the previous image handed over.
-        self.handoff = handoff.take(os.environ.pop(handoff.ENV, None))
+        self.handoff_path = os.environ.pop(handoff.ENV, None)
+        self.handoff = handoff.take(self.handoff_path)
+        if os.environ.get("VDSM_TWISTED_FELL_BACK"):
+            self.log.error("upgrade: the new build failed to start ({why}); this is the "
+                           "previous build again", why=os.environ.pop("VDSM_TWISTED_FELL_BACK"))
         if self.handoff is not None:
             self.listener.adopt = self.handoff["listening"][0]
 
@@ -110,6 +117,16 @@ class AgentService(MultiService):
         d = defer.maybeDeferred(lambda: self.listener.listening)
         d.addCallback(self._serving)
         d.addErrback(self._failed_to_listen)
+        if self.handoff is not None:
+            # Serving and every VM re-attached: the upgrade is confirmed.
+            defer.gatherResults([recovered, d], consumeErrors=True).addCallback(
+                lambda _: handoff.confirm(self.handoff_path))
+        snap = threads.deferToThread(codeid.snapshot,
+                                     os.path.join(self.config["agent", "run_dir"], "code"))
+        snap.addCallback(lambda path: setattr(self.upgrader, "snapshot", path))
+        snap.addErrback(lambda f: self.log.warn(
+            "no snapshot of the running code ({e}): an upgrade will have no fallback",
+            e=f.getErrorMessage()))
 
     def _recovered(self, result):
         self.api.recovering = False
@@ -121,6 +138,9 @@ class AgentService(MultiService):
         d.addErrback(lambda f: self.log.error("upgrade: {e}", e=f.getErrorMessage()))
 
     def _serving(self, _):
+        if self.handoff is not None and "exec_time" in self.handoff:
+            self.log.info("upgrade downtime: {ms:.0f} ms from exec to serving again",
+                          ms=(time.time() - self.handoff["exec_time"]) * 1000)
         self.log.info("vdsm-twisted agent serving on port {port} (config: {source})",
                       port=self.listener.port, source=self.config.source)
         sdnotify.ready(f"serving on port {self.listener.port}")

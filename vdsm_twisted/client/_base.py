@@ -14,6 +14,7 @@ import random
 from typing import Any, Callable
 
 from twisted.application.internet import ClientService
+from twisted.internet.task import deferLater
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -21,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
+from vdsm_twisted.api.errors import RecoveryInProgress
 from vdsm_twisted.api import schema
 
 EventCallback = Callable[[str, Any], object]
@@ -223,10 +225,18 @@ class Client:
         return d
 
     async def _attempts(self, method, params, flow_id, retry: bool) -> Any:
+        delay = 0.05
         while True:
             session = await self._ready()
             try:
                 return await session.call(method, params, flow_id)
+            except RecoveryInProgress:
+                # A restarted or upgraded agent still re-attaching its VMs:
+                # an idempotent call just asks again shortly (within its timeout).
+                if not retry or self._closed:
+                    raise
+                await deferLater(self._clock, delay, lambda: None)
+                delay = min(delay * 2, 1.0)
             except Disconnected:
                 # Whatever the session says later, it carries no more calls.
                 if self._session is session:

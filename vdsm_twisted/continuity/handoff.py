@@ -52,7 +52,11 @@ def write(path: str, listening: list[dict], children: dict[str, dict], extra: di
 
 
 def take(path: str | None) -> dict | None:
-    """Read and remove the handoff; None (with a log line) when absent or not ours."""
+    """Read the handoff; None (with a log line) when absent or not ours.
+
+    The file stays until L{confirm}: while it exists the upgrade launcher
+    considers the new image not yet started, and may fall back.
+    """
     if not path:
         return None
     try:
@@ -61,22 +65,25 @@ def take(path: str | None) -> dict | None:
     except FileNotFoundError:
         log.warn("handoff {path} is missing: starting fresh (crash recovery path)", path=path)
         return None
-    finally:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
     try:
         loaded = decode(raw, KIND)
+        if not loaded.same_process:
+            raise StateError(f"written by pid {loaded.writer.pid} (start "
+                             f"{loaded.writer.start_time}, boot {loaded.writer.boot_id}), "
+                             "not by this process")
     except StateError as e:
         log.error("handoff {path} refused: {error}", path=path, error=str(e))
-        return None
-    if not loaded.same_process:
-        log.error("handoff {path} refused: written by pid {pid} (start {start}, boot {boot}), "
-                  "not by this process", path=path, pid=loaded.writer.pid,
-                  start=loaded.writer.start_time, boot=loaded.writer.boot_id)
+        confirm(path)
         return None
     return loaded.data
+
+
+def confirm(path: str) -> None:
+    """The new image serves: the handoff is spent."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def close_unclaimed(handoff: dict, claimed: set[int]) -> list[int]:

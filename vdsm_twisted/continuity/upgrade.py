@@ -19,14 +19,18 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from twisted.internet import defer, utils
 from twisted.logger import Logger
 
 from vdsm_twisted.common import sdnotify
-from vdsm_twisted.continuity import handoff
+from vdsm_twisted.continuity import codeid, handoff
 from vdsm_twisted.continuity.codeid import installed_code_digest
+
+#: Set by the launcher when it fell back: the PYTHONPATH of the normal install.
+ORIG_PYTHONPATH = "VDSM_TWISTED_ORIG_PYTHONPATH"
 
 #: Signals held pending from the save to the end of the new image's adoption.
 BLOCKED = {signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD}
@@ -36,17 +40,33 @@ class UpgradeInProgress(Exception):
     """A second upgrade request while one runs."""
 
 
+TWISTD = ("import sys; from twisted.scripts.twistd import run; "
+          "sys.argv[0] = 'twistd'; run()")
+
+
+def twistd_args(orig_argv: list[str]) -> list[str]:
+    """twistd's own arguments out of the interpreter's command line."""
+    argv = list(orig_argv[1:])
+    while argv and argv[0].startswith("-") and argv[0] not in ("-c", "-m"):
+        argv.pop(0)  # interpreter options (-u, -O, ...)
+    if argv and argv[0] in ("-c", "-m"):
+        return argv[2:]
+    if argv and os.path.basename(argv[0]) == "launcher.py" and "--" in argv:
+        return argv[argv.index("--") + 1:]  # an earlier upgrade's launcher
+    return argv[1:]  # a script (the twistd console script)
+
+
 def exec_argv(orig_argv: list[str]) -> list[str]:
-    """The command line for the next image: twistd in the foreground, no pid file.
+    """twistd arguments for the next image: in the foreground, no pid file.
 
     The pid does not change across exec, so an existing pid file stays right;
     a new one would collide with ourselves ("another twistd is running").
     """
-    argv = list(orig_argv)
+    argv = twistd_args(orig_argv)
     try:
-        start = next(i for i, a in enumerate(argv) if a in ("vdsm",))
-    except StopIteration:
-        raise ValueError(f"cannot find the twistd plugin name in {argv!r}") from None
+        start = argv.index("vdsm")
+    except ValueError:
+        raise ValueError(f"cannot find the twistd plugin name in {orig_argv!r}") from None
     head, tail = argv[:start], argv[start:]
     cleaned, skip = [], False
     for arg in head:
@@ -71,7 +91,12 @@ class Upgrader:
         self.reactor = reactor
         self.drain_timeout = drain_timeout
         self.preflight_timeout = preflight_timeout
-        self.started_digest = installed_code_digest()
+        self.installed = codeid.package_dirs()
+        self.started_digest = installed_code_digest(self.installed)
+        #: The code this image runs, copied aside: the launcher and the fallback.
+        self.snapshot: str | None = None
+        #: Seconds the new image has to confirm before the launcher falls back.
+        self.confirm_timeout = 60.0
         self.in_progress = False
         #: Replaced in tests; the real thing never returns.
         self.execv = os.execv
@@ -86,7 +111,7 @@ class Upgrader:
             raise UpgradeInProgress("an upgrade is already in progress")
         self.in_progress = True
         try:
-            if installed_code_digest() == self.started_digest:
+            if installed_code_digest(self.installed) == self.started_digest:
                 self.log.info("upgrade requested ({reason}) but the installed code did not "
                               "change: reloading instead", reason=reason)
                 self.agent.reload()
@@ -121,8 +146,10 @@ class Upgrader:
         if self.agent.config_path:
             args += ["--config", self.agent.config_path]
         args.append(self.agent.store.directory)
-        d = utils.getProcessOutputAndValue(sys.executable, args, env=dict(os.environ),
-                                           reactor=self.reactor)
+        env = dict(os.environ)
+        if ORIG_PYTHONPATH in env:  # we run a fallback snapshot: test the installed code
+            env["PYTHONPATH"] = env.pop(ORIG_PYTHONPATH)
+        d = utils.getProcessOutputAndValue(sys.executable, args, env=env, reactor=self.reactor)
         d.addTimeout(self.preflight_timeout, self.reactor)
         try:
             out, err, code = yield d
@@ -158,9 +185,18 @@ class Upgrader:
             children = self.agent.driver.prepare_handoff()
             path = os.path.join(self.agent.config["agent", "run_dir"], "handoff.json")
             handoff.write(path, self.agent.listener.handoff(), children,
-                          {"reason": "upgrade", "signals": recorded})
-            argv = exec_argv(sys.orig_argv)
+                          {"reason": "upgrade", "signals": recorded, "exec_time": time.time()})
+            args = exec_argv(sys.orig_argv)
+            if self.snapshot is not None:
+                launcher = os.path.join(self.snapshot, "vdsm_twisted", "continuity", "launcher.py")
+                argv = [sys.executable, launcher, "--handoff", path, "--fallback", self.snapshot,
+                        "--confirm-timeout", str(self.confirm_timeout), "--", *args]
+            else:
+                argv = [sys.executable, "-c", TWISTD, *args]
             os.environ[handoff.ENV] = path
+            os.environ[codeid.INSTALLED_ENV] = os.pathsep.join(self.installed)
+            if ORIG_PYTHONPATH in os.environ:  # running a fallback snapshot: back to normal
+                os.environ["PYTHONPATH"] = os.environ.pop(ORIG_PYTHONPATH)
             self.log.info("upgrade: exec {argv}", argv=" ".join(argv))
             self.execv(sys.executable, argv)
         except Exception:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import grp
+import os
 import sys
 from typing import TextIO
 
@@ -59,7 +60,55 @@ def parser() -> argparse.ArgumentParser:
     sample.add_argument("which", choices=sorted(SAMPLE_HEADERS))
 
     sub.add_parser("api-doc", help="print the API reference (Markdown)")
+
+    up = sub.add_parser("upgrade", help="re-exec the running agent on the installed code, "
+                        "keeping its VMs (a package's post-install step)")
+    up.add_argument("--pid", type=int, help="signal this agent process (SIGUSR2) instead of "
+                    "asking it over the API")
+    up.add_argument("--host", default="localhost")
+    up.add_argument("--port", type=int, default=54321)
+    up.add_argument("--pki", default="/etc/pki/vdsm", help="PKI directory (VDSM's layout)")
+    up.add_argument("--timeout", type=float, default=120.0)
     return p
+
+
+def _upgrade(args, out: TextIO, err: TextIO) -> int:
+    """Ask the agent to upgrade itself: over the API (answered before its exec) or by signal."""
+    import signal
+
+    if args.pid is not None:
+        try:
+            os.kill(args.pid, signal.SIGUSR2)
+        except OSError as e:
+            err.write(f"vdsm-twisted-tool upgrade: cannot signal {args.pid}: {e.strerror}\n")
+            return 1
+        out.write(f"sent SIGUSR2 to {args.pid}\n")
+        return 0
+    from twisted.internet import defer, task
+
+    from vdsm_twisted.client import connect
+
+    outcome = {}
+
+    async def run(reactor):
+        client = await connect(args.host, args.port, args.pki, timeout=args.timeout,
+                               reactor=reactor)
+        try:
+            outcome["answer"] = await client.call("Host.upgrade", timeout=args.timeout)
+        finally:
+            await client.close()
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            err.write("vdsm-twisted-tool upgrade: the agent did not accept the request\n")
+            return 1
+    answer = outcome.get("answer")
+    if answer is None:
+        return 1
+    out.write(f"{answer['status']['message']}\n")
+    return 0
 
 
 def main(argv: list[str] | None = None, stdout: TextIO | None = None,
@@ -89,6 +138,9 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None,
                             ("client key", paths.client_key)):
             out.write(f"{label}: {path}\n")
         return 0
+
+    if args.command == "upgrade":
+        return _upgrade(args, out, err)
 
     if args.command == "sample-config":
         out.write(sample_config(args.which))

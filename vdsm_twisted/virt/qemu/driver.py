@@ -168,8 +168,9 @@ class QemuDriver(Service):
         with open(os.path.join(vm.dir, "domain.xml"), "w") as f:
             f.write(domain.xml)
         self.persist(vm)
+        answer = vm.definition()  # WaitForLaunch: the launch goes on in the background
         vm.launch()
-        return vm.definition()
+        return answer
 
     # -- recovery: crash restart and upgrade re-exec
     def recover(self, inherited: Mapping[str, dict] | None = None) -> defer.Deferred:
