@@ -76,6 +76,9 @@ for arg in $(cat /proc/cmdline); do
     guest.poweroff_after=*)
         (sleep "${arg#*=}"; echo "@POWEROFF@"; sync; poweroff -f) &
         ;;
+    guest.tick=*)
+        (n=0; while :; do echo "TICK $n"; n=$((n + 1)); sleep "${arg#*=}"; done) &
+        ;;
     esac
 done
 echo "@READY@"

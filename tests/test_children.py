@@ -127,3 +127,21 @@ class AdoptTests(unittest.TestCase):
         proc.wait()
         state = {"pid": proc.pid, "start_time": 1, "exe": "/bin/true", "boot_id": "x"}
         self.assertRaises(ProcessLookupError, Child.adopt, reactor, state, inherited=False)
+
+
+def test_real_execv_keeps_the_child_its_pipe_output_and_exit_status(tmp_path):
+    """Output the child wrote while its parent exec'd is in the log, in order;
+    the exit status after the exec is the real one."""
+    import json as _json
+
+    from tests import _procs as procs
+
+    log = tmp_path / "ticker.log"
+    out = subprocess.run([sys.executable, "-m", "tests._reexec_child", str(log)],
+                         cwd=str(procs.REPO), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    result = _json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["signal"] == signal.SIGKILL
+    ticks = [int(x) for x in log.read_text().split()]
+    assert ticks == list(range(len(ticks)))
+    assert len(ticks) > 60  # ~0.6 s of ticks at 5 ms, the exec in the middle

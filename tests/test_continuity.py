@@ -371,3 +371,33 @@ class CrashTests(ContinuityBase):
         [stats] = yield client.call("VM.getStats", {"vmID": vm_id}, timeout=60)
         self.assertEqual(stats["status"], "Down")
         self.assertEqual(stats["exitReason"], 9)
+
+
+class GuestOutputTests(ContinuityBase):
+    @defer.inlineCallbacks
+    def test_guest_serial_output_during_the_exec_is_kept(self):
+        from tests import _guest
+
+        client = yield self.connect()
+        kernel, initrd = _guest.guest_files(self.stack.images)
+        vm_id = str(uuid.uuid4())
+        xml = _guest.linux_domain_xml(vm_id, "ticker", kernel, initrd,
+                                      cmdline_extra="guest.tick=0.05")
+        yield client.call("VM.create", {"vmID": vm_id, "vmParams": {"xml": xml}})
+        yield self.wait_status(vm_id, "Up")
+        serial = self.stack.vmlogs / f"{vm_id}.serial.log"
+        deadline = time.monotonic() + 60
+        while "TICK 5" not in (serial.read_text(errors="replace") if serial.exists() else ""):
+            self.assertLess(time.monotonic(), deadline, "the guest never ticked")
+            yield sleep(0.1)
+        self.install_new_build()
+        os.kill(self.stack.agent.pid, signal.SIGUSR2)
+        yield self.wait_log("upgrade: new image adopted the listening socket")
+        yield sleep(1.0)
+        ticks = [int(line.split()[1]) for line in serial.read_text(errors="replace").splitlines()
+                 if line.startswith("TICK ")]
+        # Every tick the guest printed, before, during and after the exec.
+        self.assertEqual(ticks, list(range(len(ticks))))
+        self.assertGreater(len(ticks), 20)
+        info = yield client.call("VM.getInfo", {"vmID": vm_id})
+        self.assertEqual(info["status"], "Up")
