@@ -11,9 +11,11 @@ RUN=/run/vdsm-twisted      # the agent's embedded default ([agent] run_dir)
 LOGS=/var/log/vdsm-twisted
 
 stop_daemon() {  # pidfile
-    if [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; then
-        kill -TERM "$(cat "$1")"
-        for _ in $(seq 50); do kill -0 "$(cat "$1")" 2>/dev/null || break; sleep 0.1; done
+    local pid
+    pid=$(cat "$1" 2>/dev/null) || return 0
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid"
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     fi
     rm -f "$1"
 }
