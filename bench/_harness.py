@@ -184,10 +184,13 @@ class Agent:
     """
 
     def __init__(self, vm_stats_interval: float = 2.0, host_stats_interval: float = 2.0,
-                 log_level: str = "info"):
+                 log_level: str = "info", bytecode: bool = False):
         self.vm_stats_interval = vm_stats_interval
         self.host_stats_interval = host_stats_interval
         self.log_level = log_level
+        #: Compile the code copy to .pyc first, as an installed package ships
+        #: (the copy has none, and the agent runs with PYTHONDONTWRITEBYTECODE).
+        self.bytecode = bytecode
         self.root: Path | None = None
         self.stack: _stack.Stack | None = None
         self._code: Path | None = None
@@ -196,6 +199,9 @@ class Agent:
         self.root = Path(tempfile.mkdtemp(prefix="vt-bench-"))
         self._code = Path(tempfile.mkdtemp(prefix="vt-bench-code-"))
         _procs.code_copy(self._code)
+        if self.bytecode:
+            subprocess.run([sys.executable, "-m", "compileall", "-q", str(self._code)],
+                           check=True, stdout=subprocess.DEVNULL)
         self.stack = _stack.make_stack(self.root, self._code)
         conf = self.stack.agent_conf
         text = conf.read_text()
@@ -212,6 +218,73 @@ class Agent:
     @property
     def pid(self) -> int:
         return self.stack.agent.pid
+
+    @property
+    def code(self) -> Path:
+        """The agent's private copy of the code (its "installed" package)."""
+        return self._code
+
+    def log(self) -> str:
+        return self.stack.read_log("vdsm")
+
+    def wait_log(self, text: str, count: int = 1, timeout: float = 60.0,
+                 poll: float = 0.005) -> float:
+        """Block until C{text} was logged C{count} times; the monotonic time seen."""
+        path = self.root / "logs" / "vdsm.log"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if path.read_text(errors="replace").count(text) >= count:
+                    return time.monotonic()
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{text!r} not logged {count} time(s) in {timeout:g} s:\n"
+                                   + self.log()[-3000:])
+            if self.stack.agent.poll() is not None:
+                raise RuntimeError("the agent exited:\n" + self.log()[-3000:])
+            time.sleep(poll)
+
+    def install_new_build(self) -> None:
+        """Rewrite a module of the code copy, as a package upgrade would."""
+        target = self._code / "vdsm_twisted" / "_version.py"
+        target.write_text(target.read_text() + f"\n# rebuilt {time.time()}\n")
+        # A new mtime even within the same clock tick.
+        os.utime(target, ns=(time.time_ns(), time.time_ns() + 1000))
+
+    def client(self, timeout: float = 60.0) -> "SyncStomp":
+        return SyncStomp(self.stack.port, tls_context(self.stack.pki_dir), timeout).connect()
+
+    def create_vms(self, count: int, prefix: str = "bench", batch: int = 10,
+                   timeout: float = 300.0) -> list[str]:
+        """C{count} harness guests through the API, C{batch} at a time; their ids once Up."""
+        import uuid
+
+        client = self.client()
+        ids: list[str] = []
+        try:
+            for start in range(0, count, batch):
+                new = [str(uuid.uuid4()) for _ in range(min(batch, count - start))]
+                for i, vm_id in enumerate(new):
+                    client.call("VM.create", {"vmID": vm_id, "vmParams": {
+                        "xml": domain_xml(vm_id, f"{prefix}-{start + i}")}})
+                ids += new
+                self.wait_vms_up(client, ids, timeout)
+        finally:
+            client.close()
+        return ids
+
+    @staticmethod
+    def wait_vms_up(client: "SyncStomp", ids: list[str], timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            listed = {v["vmId"]: v["status"] for v in client.call("Host.getVMList")}
+            if all(listed.get(vm_id) == "Up" for vm_id in ids):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"VMs not Up after {timeout:g} s: "
+                                   f"{[(i, listed.get(i)) for i in ids if listed.get(i) != 'Up']}")
+            time.sleep(0.2)
 
     def qemu_pids(self) -> list[int]:
         """QEMUs of this stack (their QMP sockets live under our root)."""
@@ -408,12 +481,52 @@ class Libvirtd:
                             f'log_outputs = "3:file:{self.root}/libvirtd.log"\n')
             pidfile = self.root / "libvirtd.pid"
             sock = sockdir / "libvirt-sock"
-            self._start_daemon("libvirtd", ["libvirtd", "-d", "-f", str(conf), "-p", str(pidfile)],
-                               pidfile, sock.exists)
+            self._libvirtd_argv = ["libvirtd", "-d", "-f", str(conf), "-p", str(pidfile)]
+            self._start_daemon("libvirtd", self._libvirtd_argv, pidfile, sock.exists)
             self.uri = f"qemu+unix:///system?socket={sock}"
         libvirt.registerErrorHandler(lambda *_: None, None)   # no stderr noise
         self.conn = libvirt.open(self.uri)
         return self
+
+    # -- restart (only a libvirtd this object started)
+
+    @property
+    def pid(self) -> int:
+        for name, pidfile in self.started:
+            if name == "libvirtd":
+                return int(pidfile.read_text().strip())
+        raise RuntimeError("this libvirtd was not started by the bench: not restarting it")
+
+    def kill(self, sig: int, timeout: float = 30.0) -> None:
+        """Signal our libvirtd and wait until it is gone (its QEMUs stay)."""
+        pid = self.pid
+        if _comm(pid) != "libvirtd":
+            raise RuntimeError(f"pid {pid} is not libvirtd")
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:
+                pass
+            self.conn = None
+        os.kill(pid, sig)
+        _procs.wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _state(pid) == "Z",
+                        timeout=timeout, what="libvirtd to exit")
+
+    def launch(self) -> None:
+        """Start libvirtd again, as before (C{-d}: returns once it daemonized)."""
+        subprocess.run(self._libvirtd_argv, check=True, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def reopen(self) -> None:
+        """A new connection, and our domains looked up again through it."""
+        import libvirt
+
+        self.conn = libvirt.open(self.uri)
+        for vm_id in list(self.domains):
+            try:
+                self.domains[vm_id] = self.conn.lookupByUUIDString(vm_id)
+            except libvirt.libvirtError:
+                self.domains.pop(vm_id)
 
     def create(self, xml: str, vm_id: str):
         dom = self.conn.createXML(xml, 0)
@@ -430,10 +543,17 @@ class Libvirtd:
     def stop(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
+        ids = list(self.domains)
+        if self.conn is None and ids and any(n == "libvirtd" for n, _ in self.started):
+            try:   # after a restart the bench did not finish
+                self.reopen()
+            except Exception:
+                pass
         if self.conn is not None:
             with ThreadPoolExecutor(16) as pool:
                 list(pool.map(self.destroy, list(self.domains)))
             self.conn.close()
+        kill_pids(qemu_pids_of(ids))   # whatever libvirtd could not destroy
         for name, pidfile in reversed(self.started):
             try:
                 pid = int(pidfile.read_text().strip())
@@ -499,3 +619,205 @@ def sleep(seconds: float):
     from twisted.internet.task import deferLater
 
     return deferLater(reactor, seconds, lambda: None)
+
+
+# -- blocking engine clients (continuity benches) ------------------------------
+
+class RpcError(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+def tls_context(pki_dir: Path):
+    """The engine side of the dev PKI: client certificate, CA-verified server."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(pki_dir / "certs" / "cacert.pem"))
+    ctx.load_cert_chain(str(pki_dir / "certs" / "clientcert.pem"),
+                        str(pki_dir / "keys" / "clientkey.pem"))
+    return ctx
+
+
+class SyncStomp:
+    """
+    A blocking STOMP 1.2 / JSON-RPC client, stdlib only, no reactor: it runs
+    in probe processes and bench threads where timing must not depend on a
+    reactor's turns. C{connect} is one round trip (TLS handshake, then
+    CONNECT -> CONNECTED).
+    """
+
+    REQUESTS = "jms.topic.vdsm_requests"
+
+    def __init__(self, port: int, ctx, timeout: float = 30.0, host: str = "127.0.0.1"):
+        self.port, self.ctx, self.timeout, self.host = port, ctx, timeout, host
+        self.sock = None
+        self._buf = b""
+        self.reply_queue = f"bench-{os.getpid()}-{id(self)}"
+        self._subscribed = False
+
+    def connect(self) -> "SyncStomp":
+        raw = socket.create_connection((self.host, self.port), self.timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.sock = self.ctx.wrap_socket(raw, server_hostname="localhost")
+        except BaseException:
+            raw.close()
+            raise
+        self._buf = b""
+        self._subscribed = False
+        self._send("CONNECT", [("accept-version", "1.2"), ("heart-beat", "0,0")])
+        command, _, _ = self._frame()
+        if command != "CONNECTED":
+            raise ConnectionError(f"STOMP CONNECT answered {command}")
+        return self
+
+    def _send(self, command: str, headers: list, body: bytes = b"") -> None:
+        head = "".join(f"{k}:{v}\n" for k, v in headers)
+        if body:
+            head += f"content-length:{len(body)}\n"
+        self.sock.sendall(f"{command}\n{head}\n".encode() + body + b"\0")
+
+    def _frame(self) -> tuple[str, dict, bytes]:
+        while True:
+            self._buf = self._buf.lstrip(b"\r\n")   # heart-beats
+            end = self._buf.find(b"\0")
+            if end >= 0:
+                head, _, body = self._buf[:end].partition(b"\n\n")
+                self._buf = self._buf[end + 1:]
+                lines = head.decode().split("\n")
+                headers = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
+                return lines[0].strip(), headers, body
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("connection closed by the agent")
+            self._buf += data
+
+    def call(self, method: str, params: dict | None = None):
+        """One JSON-RPC call; its result, or L{RpcError}."""
+        if not self._subscribed:
+            self._send("SUBSCRIBE", [("destination", self.reply_queue), ("id", "r"),
+                                     ("ack", "auto")])
+            self._subscribed = True
+        call_id = os.urandom(8).hex()
+        body = json.dumps([{"jsonrpc": "2.0", "method": method, "params": params or {},
+                            "id": call_id}]).encode()
+        self._send("SEND", [("destination", self.REQUESTS), ("reply-to", self.reply_queue),
+                            ("content-type", "application/json")], body)
+        while True:
+            command, headers, body = self._frame()
+            if command == "ERROR":
+                raise ConnectionError(f"STOMP ERROR: {headers.get('message')} {body[:200]!r}")
+            if command != "MESSAGE":
+                continue
+            reply = json.loads(body)
+            if isinstance(reply, list):
+                reply = reply[0]
+            if reply.get("id") != call_id:
+                continue
+            if "error" in reply:
+                raise RpcError(reply["error"].get("code"), reply["error"].get("message"))
+            return reply["result"]
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.sock = None
+
+
+def probe_main(port: int, pki_dir: str, mode: str) -> None:
+    """
+    The body of a L{Probe} process: round trips in a tight loop until stdin
+    closes, then the completion times (monotonic, system-wide) as JSON.
+
+    C{connect}: every round trip is a new TCP + TLS connection and STOMP
+    CONNECT -> CONNECTED (what a client arriving during an upgrade sees).
+    C{persistent}: C{Host.ping2} on one connection, reconnecting when the
+    agent drops it (what a connected engine sees).
+    """
+    import threading
+
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    ctx = tls_context(Path(pki_dir))
+    ok: list[float] = []
+    failures: list[str] = []
+    client = None
+    while not stop.is_set():
+        try:
+            if mode == "connect":
+                SyncStomp(port, ctx).connect().close()
+            else:
+                if client is None:
+                    client = SyncStomp(port, ctx).connect()
+                if client.call("Host.ping2") is not True:
+                    raise RuntimeError("Host.ping2 did not answer true")
+            ok.append(time.monotonic())
+        except (OSError, ConnectionError, RpcError, RuntimeError, ValueError) as e:
+            if client is not None:
+                client.close()
+                client = None
+            if len(failures) < 1000:
+                failures.append(f"{time.monotonic():.6f} {type(e).__name__}: {e}")
+            time.sleep(0.001)
+    if client is not None:
+        client.close()
+    json.dump({"ok": ok, "failures": failures}, sys.stdout)
+
+
+class Probe:
+    """A separate process (no GIL shared with the bench) running L{probe_main}."""
+
+    def __init__(self, port: int, pki_dir: Path, mode: str = "connect"):
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); import _harness; "
+                "_harness.probe_main(int(sys.argv[2]), sys.argv[3], sys.argv[4])")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(port),
+             str(pki_dir), mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def finish(self) -> dict:
+        out, _ = self.proc.communicate(timeout=60)
+        return json.loads(out)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def longest_gap(times: list[float], start: float, end: float) -> tuple[float, float, float]:
+    """
+    The longest gap between two consecutive successes, among those gaps that
+    overlap [start, end]: (gap, last success before it, first one after).
+    """
+    best = (0.0, start, start)
+    for a, b in zip(times, times[1:]):
+        if b >= start and a <= end and b - a > best[0]:
+            best = (b - a, a, b)
+    return best
+
+
+def qemu_pid_map(vm_ids: Iterable[str]) -> dict[str, int]:
+    """vm id -> pid of the QEMU running it (its C{-uuid}); missing ids are absent."""
+    wanted = set(vm_ids)
+    out = {}
+    for pid in pids_with(lambda p: _comm(p).startswith("qemu-system")):
+        args = _cmdline(pid).split(b"\0")
+        try:
+            vm_id = args[args.index(b"-uuid") + 1].decode()
+        except (ValueError, IndexError):
+            continue
+        if vm_id in wanted:
+            out[vm_id] = pid
+    return out
+
+
+def ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("PPid:"):
+                return int(line.split()[1])
+    raise KeyError("PPid")

@@ -120,11 +120,15 @@ class Stack:
             self.notify_socket.close()
 
 
-def make_stack(root: Path, code_dir: Path, notify: bool = False) -> Stack:
+def make_stack(root: Path, code_dir: Path, notify: bool = False,
+               pki_dir: Path | None = None, images: Path | None = None) -> Stack:
+    """C{pki_dir}/C{images}: share another stack's CA and image root (a second
+    host of the same cluster, e.g. a migration destination)."""
     os.chmod(root, 0o755)
     port = _procs.free_port()
-    pki_dir = root / "pki"
-    write_pki(pki_dir)
+    if pki_dir is None:
+        pki_dir = root / "pki"
+        write_pki(pki_dir)
     run_dir = root / "run"
     run_dir.mkdir()
     vdsm = pwd.getpwnam("vdsm")
@@ -132,8 +136,9 @@ def make_stack(root: Path, code_dir: Path, notify: bool = False) -> Stack:
     logs = root / "logs"
     logs.mkdir()
     os.chown(logs, vdsm.pw_uid, vdsm.pw_gid)
-    images = root / "images"
-    images.mkdir()
+    if images is None:
+        images = root / "images"
+        images.mkdir()
     vmlogs = root / "vmlogs"
     vmlogs.mkdir()
     os.chown(vmlogs, vdsm.pw_uid, vdsm.pw_gid)

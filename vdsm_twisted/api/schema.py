@@ -186,9 +186,55 @@ METHODS: tuple[Method, ...] = (
        Param("ttl", INT, "Seconds it stays valid; 0 = no expiry."),
        Param("existingConnAction", STRING, "keep, disconnect or fail.", "disconnect"),
        Param("params", DICT, "Accepted for VDSM compatibility.", {})),
+    _m("VM", "migrate",
+       "Live-migrate the VM to another agent: params dst (\"host:port\" of the destination "
+       "agent), dstqemu (address for QEMU's stream; default dst's host), downtime (ms), "
+       "maxBandwidth (MiB/s), migrationTimeout (s: cancel if not converged). Answers at "
+       "once; |virt|VM_migration_status| events report progress.",
+       VM_ID, Param("params", DICT, "Migration parameters (see above).")),
+    _m("VM", "migrationCreate",
+       "Destination side of a migration: start QEMU waiting for the guest's state; "
+       "answers with the port it listens on (migrationPort).",
+       VM_ID, Param("params", DICT, "The VM definition; \"xml\" holds the domain XML."),
+       Param("incomingLimit", ANY, "Accepted for VDSM compatibility.", None),
+       returns="object {migrationPort, params}"),
+    _m("VM", "migrateCancel", "Cancel the VM's outgoing migration; the source keeps running.",
+       VM_ID),
+    _m("VM", "getMigrationStatus", "Progress of the VM's outgoing migration.", VM_ID,
+       returns="object {status, progress}", idempotent=True),
     _m("VM", "changeCD", "Insert a CD-ROM image (a path inside the image roots) or eject "
        "with an empty path.",
        VM_ID, Param("driveSpec", ANY, "A path, or {\"path\": ...}; \"\" ejects.")),
+
+    # Async tasks (vdsm_twisted/api/tasks.py).  Results go unwrapped, as
+    # VDSM's bridge sends them: the engine's client wraps them itself under
+    # taskStatus / allTasksStatus / allTasksInfo.
+    _m("Task", "getStatus",
+       "State of one asynchronous task (a migration, a hibernation, an image copy): "
+       "taskState is running, aborting, recovering (found running after an agent "
+       "restart) or finished; taskResult is \"\" until finished, then success, "
+       "cleanSuccess (stopped: aborted and rolled back, code 411) or failure (with the "
+       "error's code and message). Unknown ids answer code 401.",
+       Param("taskID", UUID, "The task's uuid."),
+       returns="object {taskID, taskState, taskResult, code, message, progress}",
+       idempotent=True),
+    _m("Task", "stop",
+       "Abort a running task: the operation is asked to stop (a migration is cancelled) "
+       "and the task moves to aborting; it ends cleanSuccess once aborted, or success "
+       "if the operation completed first. A finished task, or one that cannot be "
+       "stopped, answers code 410.",
+       Param("taskID", UUID, "The task's uuid.")),
+    _m("Task", "clear",
+       "Forget a finished task and its record. A task that has not finished answers "
+       "code 410 (stop it or wait for it).",
+       Param("taskID", UUID, "The task's uuid.")),
+    _m("Host", "getAllTasksStatuses",
+       "Status of every task this agent knows (finished ones stay until cleared, "
+       "also across agent restarts).",
+       returns="object {taskId: status as in Task.getStatus}", idempotent=True),
+    _m("Host", "getAllTasksInfo",
+       "What every known task is.",
+       returns="object {taskId: {id, verb}}", idempotent=True),
 )
 
 

@@ -79,6 +79,18 @@ class VmApi:
             raise errors.InvalidParams("ttl out of range")
         return self.driver.get(vmID).set_ticket(password, ttl, actions[existingConnAction])
 
+    def migrate(self, vmID, params):
+        return self.driver.migrate(vmID, params)
+
+    def migrationCreate(self, vmID, params, incomingLimit=None):
+        return self.driver.migration_create(vmID, params)
+
+    def migrateCancel(self, vmID):
+        return self.driver.migrate_cancel(vmID)
+
+    def getMigrationStatus(self, vmID):
+        return self.driver.migration_status(vmID)
+
     def changeCD(self, vmID, driveSpec):
         vm = self.driver.get(vmID)
         path = driveSpec.get("path") if isinstance(driveSpec, dict) else driveSpec

@@ -126,6 +126,20 @@ class Upgrader:
             except defer.TimeoutError:
                 self.log.warn("upgrade: {n} call(s) still running after {t}s; going on",
                               n=self.agent.api.in_flight - own_calls, t=self.drain_timeout)
+            # A migration in flight fails cleanly (the source runs on) rather
+            # than crossing the exec half-driven.
+            migrations = self.agent.driver.outgoing_migrations()
+            if migrations:
+                self.log.info("upgrade: cancelling {n} outgoing migration(s)", n=len(migrations))
+                for migration in migrations:
+                    migration.cancel()
+                ended = defer.DeferredList([m.done for m in migrations], consumeErrors=True)
+                ended.addTimeout(self.drain_timeout, self.reactor)
+                try:
+                    yield ended
+                except defer.TimeoutError:
+                    self.log.warn("upgrade: migrations did not end within {t}s",
+                                  t=self.drain_timeout)
             ok, why = yield self.preflight()
             if not ok:
                 self.log.error("upgrade refused, the old image keeps serving: {why}", why=why)

@@ -6,10 +6,15 @@ UP = "Up"
 PAUSED = "Paused"
 POWERING_DOWN = "Powering down"
 REBOOT_IN_PROGRESS = "Reboot In Progress"
+MIGRATION_SOURCE = "Migration Source"
+MIGRATION_DESTINATION = "Migration Destination"
+SAVING_STATE = "Saving State"
+RESTORING_STATE = "Restoring state"
 DOWN = "Down"
 
 #: Statuses in which a QEMU process exists.
-RUNNING = frozenset({POWERING_UP, UP, PAUSED, POWERING_DOWN, REBOOT_IN_PROGRESS})
+RUNNING = frozenset({POWERING_UP, UP, PAUSED, POWERING_DOWN, REBOOT_IN_PROGRESS,
+                     MIGRATION_SOURCE, MIGRATION_DESTINATION, SAVING_STATE, RESTORING_STATE})
 
 
 class ExitReason:

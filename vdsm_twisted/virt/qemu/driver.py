@@ -28,6 +28,7 @@ from vdsm_twisted.virt import domxml
 from vdsm_twisted.virt import status as st
 from vdsm_twisted.virt.interfaces import IVmDriver
 from vdsm_twisted.virt.qemu.argv import probe_spice
+from vdsm_twisted.virt.qemu.migration import OutgoingMigration
 from vdsm_twisted.virt.qemu.vm import QemuVm
 
 STATE_KIND = "vm"
@@ -79,6 +80,10 @@ class QemuDriver(Service):
         self.qmp_timeout = config["vm", "qmp_timeout"]
         self.qmp_connect_timeout = config["vm", "qmp_connect_timeout"]
         self.vnc_display_base = config["vm", "vnc_display_base"]
+        self.pki_dir = config["tls", "pki_dir"]
+        self.migration_address = config["addresses", "management_ip"] or "0.0.0.0"
+        if self.migration_address == "::":
+            self.migration_address = "[::]"
         # Consoles listen where the engine API listens (oVirt's display network).
         self.display_address = config["addresses", "management_ip"]
         if self.display_address in ("", "::"):
@@ -171,6 +176,68 @@ class QemuDriver(Service):
         answer = vm.definition()  # WaitForLaunch: the launch goes on in the background
         vm.launch()
         return answer
+
+    # -- live migration
+    def _connect_agent(self, host: str, port: int):
+        """A client of another agent, with this host's certificate (same CA)."""
+        from vdsm_twisted.client import connect
+
+        return connect(host, port, self.pki_dir, protocol="amp", reactor=self.reactor,
+                       timeout=30)
+
+    def migrate(self, vm_id: str, params: dict) -> dict:
+        vm = self.get(vm_id)
+        if vm.status != st.UP:
+            raise errors.ApiError(f"VM {vm_id} cannot migrate while {vm.status}")
+        if vm.migration is not None and vm.migration.state in ("starting", "active"):
+            raise errors.ApiError(f"VM {vm_id} is already migrating")
+        vm.migration = OutgoingMigration(vm, params, self._connect_agent)
+        vm.migration.start().addErrback(
+            lambda f: self.log.failure("VM {vm}: migration crashed", f, vm=vm_id))
+        return {"status": {"code": 0, "message": "Migration in progress"}, "progress": 0}
+
+    def migration_status(self, vm_id: str) -> dict:
+        vm = self.get(vm_id)
+        if vm.migration is None:
+            return {"status": {"code": 0, "message": "No migration"}, "progress": 0}
+        return vm.migration.status()
+
+    def migrate_cancel(self, vm_id: str) -> dict:
+        vm = self.get(vm_id)
+        if vm.migration is None or vm.migration.state not in ("starting", "active"):
+            raise errors.ApiError(f"VM {vm_id} is not migrating")
+        vm.migration.cancel()
+        return {"status": {"code": 0, "message": "Migration cancellation requested"}}
+
+    def outgoing_migrations(self) -> list:
+        return [vm.migration for vm in self.vms.values()
+                if vm.migration is not None and vm.migration.state in ("starting", "active")]
+
+    @defer.inlineCallbacks
+    def migration_create(self, vm_id: str, params: dict):
+        """Destination side: a QEMU waiting for the guest's state on a TCP port."""
+        if vm_id in self.vms:
+            raise errors.VMExists(f"Virtual machine already exists: {vm_id}")
+        xml = params.get("xml")
+        if not isinstance(xml, str):
+            raise errors.CannotCreateVM("migrationCreate: params.xml is required")
+        try:
+            domain = domxml.parse_domain(xml, self.image_roots, max_size=self.max_xml_size)
+        except domxml.DomainXMLError as e:
+            raise errors.CannotCreateVM(f"Error creating the requested VM: {e}") from None
+        if domain.uuid != vm_id:
+            raise errors.CannotCreateVM(f"vmID {vm_id} does not match the domain's uuid")
+        vm = QemuVm(self, vm_id, domain, {k: v for k, v in params.items() if k != "xml"})
+        self.vms[vm_id] = vm
+        os.makedirs(vm.dir, mode=0o700, exist_ok=True)
+        with open(os.path.join(vm.dir, "domain.xml"), "w") as f:
+            f.write(domain.xml)
+        port = self.free_port()
+        listen = self.migration_address
+        vm.launch(incoming=f"tcp:{listen}:{port}")
+        yield vm.incoming_ready
+        self.log.info("VM {vm}: waiting for its state on port {port}", vm=vm_id, port=port)
+        return {"migrationPort": port, "params": vm.definition()}
 
     # -- recovery: crash restart and upgrade re-exec
     def recover(self, inherited: Mapping[str, dict] | None = None) -> defer.Deferred:

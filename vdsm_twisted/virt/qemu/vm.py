@@ -65,6 +65,8 @@ class QemuVm(VmBase):
         self.cdrom_path: str | None = next(
             (disk.source_path for disk in domain.disks if disk.device == "cdrom"), None)
         self.ticket_set = False
+        #: The outgoing migration, while there is one (L{OutgoingMigration}).
+        self.migration = None
 
     # -- persistence
     def status_changed(self) -> None:
@@ -102,12 +104,33 @@ class QemuVm(VmBase):
             self.log.error("VM {vm}: adopted, but its monitor is unusable: {err}",
                            vm=self.id, err=_describe(e))
             return
+        if status in (st.MIGRATION_DESTINATION, st.RESTORING_STATE) or state == "inmigrate":
+            # Receiving a guest: it may have finished while nobody watched.
+            self.status = status if status in (st.MIGRATION_DESTINATION, st.RESTORING_STATE) \
+                else st.MIGRATION_DESTINATION
+            info = yield self.qmp.execute("query-migrate", timeout=self.driver.qmp_timeout)
+            self._migration_event(info.get("status") or "active")
+            self.log.info("VM {vm} ({name}): adopted QEMU {pid} receiving its state",
+                          vm=self.id, name=self.domain.name, pid=child.pid)
+            return
+        if status == st.MIGRATION_SOURCE and state == "running":
+            # Nobody drives this migration any more: cancel it; the source runs
+            # on and the destination, seeing it fail, ends its copy.
+            info = yield self.qmp.execute("query-migrate", timeout=self.driver.qmp_timeout)
+            if info.get("status") in ("setup", "active", "pre-switchover", "device"):
+                self.log.warn("VM {vm}: cancelling the migration the previous agent started",
+                              vm=self.id)
+                yield self.qmp.execute("migrate_cancel", timeout=self.driver.qmp_timeout)
         if state == "prelaunch":
             # The agent went away between spawn and cont: finish the launch.
             yield self.qmp.cont(timeout=self.driver.qmp_timeout)
             state = "running"
         if state == "running":
             self.set_status(st.UP)
+        elif state == "postmigrate":
+            # It migrated away (or was saved) while nobody watched: it is done here.
+            self._ending = st.ExitReason.MIGRATION_SUCCEEDED
+            self._terminate()
         elif state in ("paused", "suspended", "io-error"):
             self.set_status(st.PAUSED)
         elif state == "shutdown":
@@ -120,8 +143,16 @@ class QemuVm(VmBase):
 
     # -- launch
     @defer.inlineCallbacks
-    def launch(self):
-        """Start QEMU; the VM ends Up, or Down with the reason it could not start."""
+    def launch(self, incoming: str | None = None, incoming_fds: dict[int, int] | None = None):
+        """Start QEMU; the VM ends Up, or Down with the reason it could not start.
+
+        C{incoming}: a migration URI (C{tcp:ADDR:PORT}, C{fd:N}) to receive the
+        guest's state from instead of booting it; L{incoming_ready} fires once
+        QEMU listens, and the VM runs once the state has fully arrived.
+        C{incoming_fds}: extra fds for QEMU (child fd -> our fd), e.g. a saved image.
+        """
+        self.incoming = incoming
+        self.incoming_ready = defer.Deferred()
         tap_fds: list[int] = []
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
@@ -146,18 +177,23 @@ class QemuVm(VmBase):
                 default_listen=self.driver.display_address,
                 vnc_display_base=self.driver.vnc_display_base,
                 spice=self.driver.spice_available)
-            self.child = spawn(self.driver.reactor, argv,
-                               pass_fds={FIRST_TAP_FD + i: fd for i, fd in enumerate(tap_fds)},
+            if incoming is not None:
+                argv += ["-incoming", "defer"]
+            pass_fds = {FIRST_TAP_FD + i: fd for i, fd in enumerate(tap_fds)}
+            pass_fds.update(incoming_fds or {})
+            self.child = spawn(self.driver.reactor, argv, pass_fds=pass_fds,
                                log_path=self.log_path, name=f"qemu-{self.domain.name}",
                                env=self.driver.child_env())
         except _Aborted:
             self._cleanup_taps()
             self.set_down(st.ExitReason.DESTROYED_ON_STARTUP)
+            self.incoming_ready.errback(errors.CannotCreateVM("destroyed while starting"))
             return
         except Exception as e:
             self.log.failure("VM {vm}: cannot start", vm=self.id)
             self._cleanup_taps()
             self.set_down(st.ExitReason.START_FAILED, f"failed to start: {_describe(e)}")
+            self.incoming_ready.errback(errors.CannotCreateVM(f"failed to start: {_describe(e)}"))
             return
         finally:
             for fd in tap_fds:
@@ -172,6 +208,15 @@ class QemuVm(VmBase):
             yield self._set_initial_ticket()
             yield self._read_display_ports()
             yield self._apply_link_states()
+            if incoming is not None:
+                self.set_status(st.RESTORING_STATE if incoming.startswith("fd:")
+                                else st.MIGRATION_DESTINATION)
+                yield self.qmp.execute("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "events", "state": True}]}, timeout=self.driver.qmp_timeout)
+                yield self.qmp.execute("migrate-incoming", {"uri": incoming},
+                                       timeout=self.driver.qmp_timeout)
+                self.incoming_ready.callback(None)
+                return  # the MIGRATION event "completed" resumes the guest
             state = yield self.qmp.query_status(timeout=self.driver.qmp_timeout)
             if state in ("prelaunch", "paused"):
                 yield self.qmp.cont(timeout=self.driver.qmp_timeout)
@@ -179,6 +224,8 @@ class QemuVm(VmBase):
             if state == "running" and self.status == st.POWERING_UP:
                 self.set_status(st.UP)
         except Exception as e:
+            if not self.incoming_ready.called:
+                self.incoming_ready.errback(errors.CannotCreateVM(f"failed to start: {_describe(e)}"))
             if self.child.running and self._ending is None:
                 self.log.error("VM {vm}: monitor setup failed ({err}); destroying",
                                vm=self.id, err=_describe(e))
@@ -255,6 +302,22 @@ class QemuVm(VmBase):
                 self._terminate()
         elif name == "POWERDOWN" and self.status == st.UP:
             self.set_status(st.POWERING_DOWN)
+        elif name == "MIGRATION":
+            self._migration_event(data.get("status"))
+
+    def _migration_event(self, status: str | None) -> None:
+        """Incoming side: the state arrived (run the guest) or not (end it)."""
+        if self.status not in (st.MIGRATION_DESTINATION, st.RESTORING_STATE):
+            return
+        if status == "completed":
+            d = self.qmp.cont(timeout=self.driver.qmp_timeout)
+            d.addCallback(lambda _: self.set_status(st.UP))
+            d.addErrback(lambda f: self.log.error("VM {vm}: cannot resume after the incoming "
+                                                  "state: {e}", vm=self.id, e=f.getErrorMessage()))
+        elif status in ("failed", "cancelled"):
+            self.log.warn("VM {vm}: incoming state {status}; destroying", vm=self.id, status=status)
+            self._ending = st.ExitReason.MIGRATION_FAILED
+            self._terminate(grace=0)
 
     # -- exit
     def _exited(self, status: ExitStatus) -> None:

@@ -1,0 +1,286 @@
+"""
+Live migration between two real agents on this machine (two "hosts": their
+own privd, ports, run dirs; one CA and one shared image root).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.trial import unittest
+
+from tests import _guest, _procs, _stack
+from tests.test_vm_lifecycle import qemu_pids
+from vdsm_twisted.api import errors
+
+
+def sleep(seconds):
+    return deferLater(reactor, seconds, lambda: None)
+
+
+def ticks(path: Path) -> list[int]:
+    if not path.exists():
+        return []
+    return [int(line.split()[1]) for line in path.read_text(errors="replace").splitlines()
+            if line.startswith("TICK ") and line.split()[1].isdigit()]
+
+
+class MigrationBase(unittest.TestCase):
+    """Two agents and helpers; no tests of its own."""
+
+    timeout = 300
+
+    def setUp(self):
+        root_a = Path(tempfile.mkdtemp(prefix="vt-src-"))
+        root_b = Path(tempfile.mkdtemp(prefix="vt-dst-"))
+        for root in (root_a, root_b):
+            self.addCleanup(shutil.rmtree, root, True)
+        code = _procs.shared_code_dir()
+        self.src = _stack.make_stack(root_a, code)
+        self.dst = _stack.make_stack(root_b, code, pki_dir=self.src.pki_dir, images=self.src.images)
+        for stack in (self.src, self.dst):
+            stack.start_privd()
+            stack.start_agent()
+            self.addCleanup(stack.stop)
+        self.kernel, self.initrd = _guest.guest_files(self.src.images)
+        self.events = {"src": [], "dst": []}
+
+    @defer.inlineCallbacks
+    def clients(self):
+        out = []
+        for name, stack in (("src", self.src), ("dst", self.dst)):
+            client = yield stack.client()
+            self.addCleanup(client.close)
+            yield client.subscribe_events(lambda m, p, n=name: self.events[n].append((m, p)))
+            out.append(client)
+        return out
+
+    @defer.inlineCallbacks
+    def start_guest(self, client, memory_mib=128):
+        vm_id = str(uuid.uuid4())
+        xml = _guest.linux_domain_xml(vm_id, "mover", self.kernel, self.initrd,
+                                      cmdline_extra="guest.tick=0.05", memory_mib=memory_mib)
+        yield client.call("VM.create", {"vmID": vm_id, "vmParams": {"xml": xml}})
+        serial = self.src.vmlogs / f"{vm_id}.serial.log"
+        deadline = time.monotonic() + 90
+        while len(ticks(serial)) < 5:
+            self.assertLess(time.monotonic(), deadline, "the guest never ticked")
+            yield sleep(0.1)
+        return vm_id
+
+    @defer.inlineCallbacks
+    def wait_for(self, predicate, what, timeout=90.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = yield predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}\n--- src:\n"
+                                     + self.src.read_log("vdsm")[-3000:] + "\n--- dst:\n"
+                                     + self.dst.read_log("vdsm")[-3000:])
+            yield sleep(0.1)
+
+    @defer.inlineCallbacks
+    def status_of(self, client, vm_id):
+        try:
+            [stats] = yield client.call("VM.getStats", {"vmID": vm_id})
+        except errors.NoSuchVM:
+            return None
+        return stats
+
+
+
+class MigrationTests(MigrationBase):
+    @defer.inlineCallbacks
+    def test_live_migration_carries_the_running_guest(self):
+        src, dst = yield self.clients()
+        vm_id = yield self.start_guest(src)
+        [src_pid] = qemu_pids(vm_id)
+        answer = yield src.call("VM.migrate", {"vmID": vm_id, "params": {
+            "dst": f"localhost:{self.dst.port}", "dstqemu": "127.0.0.1", "downtime": 300}})
+        self.assertEqual(answer["status"]["code"], 0)
+
+        @defer.inlineCallbacks
+        def source_down():
+            stats = yield self.status_of(src, vm_id)
+            return stats is not None and stats["status"] == "Down" and stats
+
+        down = yield self.wait_for(source_down, "the source to end")
+        self.assertEqual(down["exitReason"], 4)
+        self.assertEqual(down["exitCode"], 0)
+        stats = yield self.status_of(dst, vm_id)
+        self.assertEqual(stats["status"], "Up")
+        self.assertNotIn(src_pid, qemu_pids(vm_id))
+        self.assertEqual(len(qemu_pids(vm_id)), 1)
+        # The guest's own memory came along: its tick counter goes on from
+        # where it was on the source, in the destination's serial log.
+        before = ticks(self.src.vmlogs / f"{vm_id}.serial.log")
+        dst_serial = self.dst.vmlogs / f"{vm_id}.serial.log"
+
+        @defer.inlineCallbacks
+        def ticking():
+            yield sleep(0)
+            return len(ticks(dst_serial)) >= 5
+
+        yield self.wait_for(ticking, "the guest to tick on the destination")
+        after = ticks(dst_serial)
+        self.assertEqual(after[0], before[-1] + 1, (before[-3:], after[:3]))
+        self.assertEqual(after, list(range(after[0], after[0] + len(after))))
+        # Progress was reported, and the status verb answers.
+        progress = [p for m, p in self.events["src"] if m == f"|virt|VM_migration_status|{vm_id}"]
+        self.assertTrue(progress)
+        self.assertEqual(progress[-1][vm_id]["progress"], 100)
+        status = yield src.call("VM.getMigrationStatus", {"vmID": vm_id})
+        self.assertEqual(status["progress"], 100)
+        yield src.call("VM.destroy", {"vmID": vm_id})
+        yield dst.call("VM.destroy", {"vmID": vm_id})
+
+    @defer.inlineCallbacks
+    def test_cancel_midway_keeps_the_source_and_cleans_the_destination(self):
+        src, dst = yield self.clients()
+        vm_id = yield self.start_guest(src, memory_mib=256)
+        yield src.call("VM.migrate", {"vmID": vm_id, "params": {
+            "dst": f"localhost:{self.dst.port}", "dstqemu": "127.0.0.1", "maxBandwidth": 2}})
+
+        @defer.inlineCallbacks
+        def started():
+            status = yield src.call("VM.getMigrationStatus", {"vmID": vm_id})
+            return status["migrationStats"]["state"] == "active"
+
+        yield self.wait_for(started, "the migration to start")
+        yield src.call("VM.migrateCancel", {"vmID": vm_id})
+
+        @defer.inlineCallbacks
+        def source_up_again():
+            stats = yield self.status_of(src, vm_id)
+            return stats["status"] == "Up"
+
+        yield self.wait_for(source_up_again, "the source to run on")
+
+        @defer.inlineCallbacks
+        def destination_gone():
+            stats = yield self.status_of(dst, vm_id)
+            return stats is None or stats["status"] == "Down"
+
+        yield self.wait_for(destination_gone, "the destination copy to go")
+        self.assertEqual(len(qemu_pids(vm_id)), 1)
+        status = yield src.call("VM.getMigrationStatus", {"vmID": vm_id})
+        self.assertEqual(status["migrationStats"]["state"], "cancelled")
+        # The guest still runs on the source.
+        n = len(ticks(self.src.vmlogs / f"{vm_id}.serial.log"))
+        yield sleep(0.5)
+        self.assertGreater(len(ticks(self.src.vmlogs / f"{vm_id}.serial.log")), n)
+
+    @defer.inlineCallbacks
+    def test_a_migration_that_cannot_converge_times_out_and_the_source_runs_on(self):
+        src, dst = yield self.clients()
+        vm_id = yield self.start_guest(src, memory_mib=256)
+        yield src.call("VM.migrate", {"vmID": vm_id, "params": {
+            "dst": f"localhost:{self.dst.port}", "dstqemu": "127.0.0.1", "maxBandwidth": 1,
+            "migrationTimeout": 2}})
+
+        @defer.inlineCallbacks
+        def ended():
+            status = yield src.call("VM.getMigrationStatus", {"vmID": vm_id})
+            return status["migrationStats"]["state"] in ("cancelled", "failed") and status
+
+        status = yield self.wait_for(ended, "the migration to time out")
+        self.assertIn("timed out", status["status"]["message"])
+        stats = yield self.status_of(src, vm_id)
+        self.assertEqual(stats["status"], "Up")
+
+    @defer.inlineCallbacks
+    def test_destination_host_dying_midway_leaves_the_source_running(self):
+        src, dst = yield self.clients()
+        vm_id = yield self.start_guest(src, memory_mib=256)
+        yield src.call("VM.migrate", {"vmID": vm_id, "params": {
+            "dst": f"localhost:{self.dst.port}", "dstqemu": "127.0.0.1", "maxBandwidth": 2}})
+
+        @defer.inlineCallbacks
+        def started():
+            status = yield src.call("VM.getMigrationStatus", {"vmID": vm_id})
+            return status["migrationStats"]["state"] == "active"
+
+        yield self.wait_for(started, "the migration to start")
+        # The destination agent is killed, and its QEMU with it (a host crash).
+        [src_pid] = [p for p in qemu_pids(vm_id) if str(self.src.root / "run") in
+                     open(f"/proc/{p}/cmdline").read()]
+        self.dst.agent.kill()
+        self.dst.agent.wait()
+        for pid in qemu_pids(vm_id):
+            if pid != src_pid:
+                os.kill(pid, signal.SIGKILL)
+
+        @defer.inlineCallbacks
+        def failed():
+            status = yield src.call("VM.getMigrationStatus", {"vmID": vm_id})
+            return status["migrationStats"]["state"] == "failed"
+
+        yield self.wait_for(failed, "the migration to fail")
+        stats = yield self.status_of(src, vm_id)
+        self.assertEqual(stats["status"], "Up")
+        self.assertEqual(qemu_pids(vm_id), [src_pid])
+
+
+class MigrationAcrossUpgradeTests(MigrationBase):
+    """A migration in flight when either agent upgrades: never two copies, never none."""
+
+    def setUp(self):
+        self.code = _procs.code_copy(Path(tempfile.mkdtemp(prefix="vt-code-")))
+        self.addCleanup(shutil.rmtree, self.code, True)
+        real = _procs.shared_code_dir
+        _procs.shared_code_dir = lambda: self.code
+        try:
+            super().setUp()
+        finally:
+            _procs.shared_code_dir = real
+
+    def bump(self):
+        target = self.code / "vdsm_twisted" / "_version.py"
+        target.write_text(target.read_text() + f"\n# rebuilt {time.time()}\n")
+        os.utime(target, ns=(time.time_ns(), time.time_ns() + 1000))
+
+    @defer.inlineCallbacks
+    def _migrate_slowly_and_upgrade(self, stack):
+        src, dst = yield self.clients()
+        vm_id = yield self.start_guest(src, memory_mib=256)
+        yield src.call("VM.migrate", {"vmID": vm_id, "params": {
+            "dst": f"localhost:{self.dst.port}", "dstqemu": "127.0.0.1", "maxBandwidth": 4}})
+
+        @defer.inlineCallbacks
+        def started():
+            status = yield src.call("VM.getMigrationStatus", {"vmID": vm_id})
+            return status["migrationStats"]["state"] == "active"
+
+        yield self.wait_for(started, "the migration to start")
+        self.bump()
+        os.kill(stack.agent.pid, signal.SIGUSR2)
+
+        @defer.inlineCallbacks
+        def settled():
+            s = yield self.status_of(src, vm_id)
+            d = yield self.status_of(dst, vm_id)
+            running = [x["status"] for x in (s, d) if x is not None and x["status"] != "Down"]
+            return running in (["Up"],) and (s, d)
+
+        s, d = yield self.wait_for(settled, "exactly one running copy", timeout=180)
+        # Exactly one QEMU runs the guest, and it is the one reported Up.
+        pids = qemu_pids(vm_id)
+        self.assertEqual(len(pids), 1, pids)
+        return vm_id
+
+    def test_source_agent_upgrades_during_a_migration(self):
+        return self._migrate_slowly_and_upgrade(self.src)
+
+    def test_destination_agent_upgrades_during_a_migration(self):
+        return self._migrate_slowly_and_upgrade(self.dst)
