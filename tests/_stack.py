@@ -139,6 +139,7 @@ def make_stack(root: Path, code_dir: Path, notify: bool = False,
     if images is None:
         images = root / "images"
         images.mkdir()
+        os.chown(images, vdsm.pw_uid, vdsm.pw_gid)  # a storage domain the agent writes
     vmlogs = root / "vmlogs"
     vmlogs.mkdir()
     os.chown(vmlogs, vdsm.pw_uid, vdsm.pw_gid)

@@ -158,19 +158,21 @@ class RunTests(HookTestBase):
                     'cat > "$OUT/stdin"\n')
         yield self.runner.run(
             "before_vm_start", XML, vm_id=VM_ID,
-            env={"OUT": self.out, "sap_agent": "true", "spaced": "a b=c",
+            env={"OUT": self.out, "sap_agent": "true", "spaced": "a b=c", "LC_CTYPE": "C",
                  "PATH": "/evil", "LD_PRELOAD": "/evil.so", "vmId": "other"})
         env = dict(line.split("=", 1) for line in self.read_out("env").splitlines())
         self.assertNotIn(marker, env)
         self.assertNotIn("LD_PRELOAD", env)
         self.assertEqual(env["sap_agent"], "true")
         self.assertEqual(env["spaced"], "a b=c")
+        self.assertEqual(env["LC_CTYPE"], "C")  # not the launcher's coerced C.UTF-8
         self.assertEqual(env["vmId"], VM_ID)
         self.assertEqual(env["PATH"], hr.HOOK_PATH)
         self.assertTrue(env["_hook_domxml"].startswith(self.tmp + "/"))
         # Only what we set, plus what /bin/sh itself adds.
         self.assertLessEqual(set(env) - {"PWD", "OLDPWD", "SHLVL", "_"},
-                             {"OUT", "sap_agent", "spaced", "vmId", "PATH", "_hook_domxml"})
+                             {"OUT", "sap_agent", "spaced", "LC_CTYPE", "vmId", "PATH",
+                              "_hook_domxml"})
         self.assertEqual(self.read_out("pwd").strip(), "/")
         self.assertEqual(self.read_out("stdin"), "")
         self.assertIn("LD_PRELOAD", self.logged())
@@ -183,6 +185,7 @@ class RunTests(HookTestBase):
         env = dict(line.split("=", 1) for line in self.read_out("env").splitlines())
         self.assertNotIn("_hook_domxml", env)
         self.assertNotIn("vmId", env)
+        self.assertEqual(set(env) - {"PWD", "OLDPWD", "SHLVL", "_"}, {"OUT", "PATH"})
         self.assertEqual(os.listdir(self.tmp), [])
 
     @defer.inlineCallbacks

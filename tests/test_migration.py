@@ -284,3 +284,50 @@ class MigrationAcrossUpgradeTests(MigrationBase):
 
     def test_destination_agent_upgrades_during_a_migration(self):
         return self._migrate_slowly_and_upgrade(self.dst)
+
+
+class HibernateTests(MigrationBase):
+    @defer.inlineCallbacks
+    def test_hibernate_then_restore_brings_the_guest_back_where_it_was(self):
+        src, _ = yield self.clients()
+        vm_id = yield self.start_guest(src)
+        state_file = self.src.images / f"{vm_id}.state"
+        before = ticks(self.src.vmlogs / f"{vm_id}.serial.log")
+        answer = yield src.call("VM.hibernate", {"vmID": vm_id, "hiberVolHandle": str(state_file)},
+                                timeout=120)
+        self.assertEqual(answer["status"]["code"], 0)
+        [stats] = yield src.call("VM.getStats", {"vmID": vm_id})
+        self.assertEqual((stats["status"], stats["exitReason"]), ("Down", 5))
+        self.assertEqual(qemu_pids(vm_id), [])
+        self.assertGreater(state_file.stat().st_size, 1 << 20)
+        saved = ticks(self.src.vmlogs / f"{vm_id}.serial.log")
+        yield src.call("VM.destroy", {"vmID": vm_id})
+        # A little later, the same VM restored (VDSM's restoreState).
+        yield sleep(1.0)
+        xml = _guest.linux_domain_xml(vm_id, "mover", self.kernel, self.initrd,
+                                      cmdline_extra="guest.tick=0.05")
+        yield src.call("VM.create", {"vmID": vm_id, "vmParams": {
+            "xml": xml, "restoreState": str(state_file)}})
+        serial = self.src.vmlogs / f"{vm_id}.serial.log"
+
+        @defer.inlineCallbacks
+        def ticking_again():
+            yield sleep(0)
+            return len(ticks(serial)) >= len(saved) + 5
+
+        yield self.wait_for(ticking_again, "the restored guest to tick")
+        after = ticks(serial)
+        # The counter (guest memory) resumed from where it was saved: no restart at 0.
+        self.assertEqual(after, list(range(len(after))))
+        self.assertGreaterEqual(len(saved), len(before))
+        [stats] = yield src.call("VM.getStats", {"vmID": vm_id})
+        self.assertEqual(stats["status"], "Up")
+
+    @defer.inlineCallbacks
+    def test_hibernate_outside_the_image_roots_is_refused(self):
+        src, _ = yield self.clients()
+        vm_id = yield self.start_guest(src)
+        with self.assertRaises(errors.InvalidParams):
+            yield src.call("VM.hibernate", {"vmID": vm_id, "hiberVolHandle": "/etc/evil.state"})
+        [stats] = yield src.call("VM.getStats", {"vmID": vm_id})
+        self.assertEqual(stats["status"], "Up")

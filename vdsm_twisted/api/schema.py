@@ -186,6 +186,11 @@ METHODS: tuple[Method, ...] = (
        Param("ttl", INT, "Seconds it stays valid; 0 = no expiry."),
        Param("existingConnAction", STRING, "keep, disconnect or fail.", "disconnect"),
        Param("params", DICT, "Accepted for VDSM compatibility.", {})),
+    _m("VM", "hibernate",
+       "Pause the guest, save its memory and device state to a file inside the image "
+       "roots, and end the VM (exitReason 5). VM.create with vmParams.restoreState = "
+       "that path brings it back where it was.",
+       VM_ID, Param("hiberVolHandle", ANY, "The state file's path, or {\"path\": ...}.")),
     _m("VM", "migrate",
        "Live-migrate the VM to another agent: params dst (\"host:port\" of the destination "
        "agent), dstqemu (address for QEMU's stream; default dst's host), downtime (ms), "

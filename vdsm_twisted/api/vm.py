@@ -79,6 +79,14 @@ class VmApi:
             raise errors.InvalidParams("ttl out of range")
         return self.driver.get(vmID).set_ticket(password, ttl, actions[existingConnAction])
 
+    @defer.inlineCallbacks
+    def hibernate(self, vmID, hiberVolHandle):
+        path = hiberVolHandle.get("path") if isinstance(hiberVolHandle, dict) else hiberVolHandle
+        if not isinstance(path, str) or not path:
+            raise errors.InvalidParams("hiberVolHandle must be a path or {\"path\": ...}")
+        yield self.driver.hibernate(vmID, path)
+        return {"status": {"code": 0, "message": "Hibernation process done"}}
+
     def migrate(self, vmID, params):
         return self.driver.migrate(vmID, params)
 

@@ -74,7 +74,7 @@ OUTPUT_LIMIT = 64 * 1024
 HOOK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 #: Environment names the runner sets itself; a custom property cannot override them.
-RESERVED_ENV = frozenset({"_hook_domxml", "vmId", "PATH"})
+RESERVED_ENV = frozenset({"_hook_domxml", "vmId", "PATH", "_VDSM_HOOK_LC_CTYPE"})
 
 #: Environment prefixes that change how any program runs (the dynamic loader);
 #: custom properties with these names are dropped.
@@ -88,8 +88,9 @@ DOMXML_NAME = "domxml.xml"
 # stderr onto the stdout pipe (one stream in true order), cwd "/".  -I -S keep
 # the interpreter from reading any PYTHON* variable or site directory.  Python
 # coerces a C locale by setting LC_CTYPE (PEP 538), even with -I: the marker
-# variable says to take it out again, so the hook sees exactly our environment.
-_UNSET_LC_CTYPE = "_VDSM_HOOK_UNSET_LC_CTYPE"
+# variable carries the intended LC_CTYPE ("" unset, "=VALUE" set), so the hook
+# sees exactly the environment we built.
+_LC_CTYPE_MARKER = "_VDSM_HOOK_LC_CTYPE"
 _LAUNCHER = f"""\
 import os, signal, sys
 os.setsid()
@@ -99,8 +100,10 @@ for s in (signal.SIGPIPE, signal.SIGXFSZ):
 os.dup2(1, 2)
 os.chdir("/")
 env = dict(os.environb)
-if env.pop(b"{_UNSET_LC_CTYPE}", None) is not None:
-    env.pop(b"LC_CTYPE", None)
+wanted = env.pop(b"{_LC_CTYPE_MARKER}", b"")
+env.pop(b"LC_CTYPE", None)
+if wanted.startswith(b"="):
+    env[b"LC_CTYPE"] = wanted[1:]
 try:
     os.execve(sys.argv[1], sys.argv[1:], env)
 except OSError as e:
@@ -438,8 +441,7 @@ class HookRunner:
         name = os.path.basename(os.fsdecode(script))
         proto = _ScriptProtocol(name, self.timeout, self._reactor)
         launcher_env = dict(env)
-        if "LC_CTYPE" not in env:
-            launcher_env[_UNSET_LC_CTYPE] = "1"
+        launcher_env[_LC_CTYPE_MARKER] = "=" + env["LC_CTYPE"] if "LC_CTYPE" in env else ""
         self._reactor.spawnProcess(
             proto, self._python,
             [self._python, "-I", "-S", "-c", _LAUNCHER, script],

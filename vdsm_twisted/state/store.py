@@ -174,8 +174,9 @@ class StateStore:
         for name in names:
             path = os.path.join(directory, name)
             if not name.endswith(".json"):
-                if ".json.tmp." in name:
-                    _unlink_quietly(path)  # a write interrupted by a crash
+                # A write interrupted by a crash (not one of ours in progress).
+                if ".json.tmp." in name and not name.endswith(f".tmp.{os.getpid()}"):
+                    _unlink_quietly(path)
                 continue
             try:
                 with open(path, "rb") as f:

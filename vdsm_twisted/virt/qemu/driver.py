@@ -32,6 +32,8 @@ from vdsm_twisted.virt.qemu.migration import OutgoingMigration
 from vdsm_twisted.virt.qemu.vm import QemuVm
 
 STATE_KIND = "vm"
+#: The fd number a restored QEMU reads its saved state from.
+RESTORE_FD = 99
 
 
 def _looks_like_uuid(name: str) -> bool:
@@ -164,6 +166,17 @@ class QemuDriver(Service):
         if domain.uuid != vm_id:
             raise errors.CannotCreateVM(
                 f"vmID {vm_id} does not match the domain's uuid {domain.uuid}")
+        restore_fd = None
+        restore = params.get("restoreState")
+        if restore:
+            path = restore.get("path") if isinstance(restore, dict) else restore
+            if not isinstance(path, str):
+                raise errors.InvalidParams("restoreState must be a path or {\"path\": ...}")
+            try:
+                path = domxml.resolve_image_path(path, self.image_roots, "restoreState")
+                restore_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except (domxml.DomainXMLError, OSError) as e:
+                raise errors.CannotCreateVM(f"cannot restore: {e}") from None
         vm = QemuVm(self, vm_id, domain, params)
         self.vms[vm_id] = vm
         self.log.info("VM {vm} ({name}): created", vm=vm_id, name=domain.name)
@@ -174,8 +187,21 @@ class QemuDriver(Service):
             f.write(domain.xml)
         self.persist(vm)
         answer = vm.definition()  # WaitForLaunch: the launch goes on in the background
-        vm.launch()
+        if restore_fd is None:
+            vm.launch()
+        else:
+            vm.launch(incoming=f"fd:{RESTORE_FD}", incoming_fds={RESTORE_FD: restore_fd})
+            vm.incoming_ready.addBoth(lambda r: (os.close(restore_fd), r)[1])
+            vm.incoming_ready.addErrback(lambda f: None)  # the VM's Down status tells
         return answer
+
+    def hibernate(self, vm_id: str, path: str):
+        try:
+            path = domxml.resolve_image_path(path, self.image_roots, "hiberVolHandle",
+                                             must_exist=False)
+        except domxml.DomainXMLError as e:
+            raise errors.InvalidParams(str(e)) from None
+        return self.get(vm_id).hibernate(path)
 
     # -- live migration
     def _connect_agent(self, host: str, port: int):

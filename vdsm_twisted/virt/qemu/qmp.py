@@ -185,13 +185,14 @@ class QMPProtocol(Protocol):
         return self.when_closed()
 
     def execute(self, command: str, arguments: dict | None = None,
-                timeout: float | None = None) -> Deferred:
+                timeout: float | None = None, fd: int | None = None) -> Deferred:
         """
         Run one QMP command; fires with its C{return} value.
 
         Fails with L{QMPError} (QEMU refused), L{QMPTimeout} (no reply within
         C{timeout} seconds), or L{QMPDisconnected}.  Cancelling the Deferred
-        abandons the call like a timeout does.
+        abandons the call like a timeout does.  C{fd} travels with the command
+        (SCM_RIGHTS), as C{getfd} and C{add-fd} expect.
         """
         if not self.is_connected:
             return _failed(QMPDisconnected(f"QMP {self.name}: not connected ({command})"))
@@ -212,6 +213,8 @@ class QMPProtocol(Protocol):
         if timeout is not None:
             timer = self._clock.callLater(timeout, self._timed_out, cid, timeout)
         self._pending[cid] = _Pending(command, d, timer)
+        if fd is not None:
+            self.transport.sendFileDescriptor(fd)
         self.transport.write(line)
         return d
 
