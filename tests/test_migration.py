@@ -142,6 +142,19 @@ class MigrationTests(MigrationBase):
         self.assertEqual(progress[-1][vm_id]["progress"], 100)
         status = yield src.call("VM.getMigrationStatus", {"vmID": vm_id})
         self.assertEqual(status["progress"], 100)
+        # The migration was an async task: listed, finished, and clearable.
+        task_id = answer["taskID"]
+        statuses = yield src.call("Host.getAllTasksStatuses")
+        self.assertEqual((statuses[task_id]["taskState"], statuses[task_id]["taskResult"]),
+                         ("finished", "success"))
+        infos = yield src.call("Host.getAllTasksInfo")
+        self.assertEqual(infos[task_id]["verb"], "VM.migrate")
+        jobs = [p for m, p in self.events["src"] if m == f"|jobs|status|{task_id}"]
+        self.assertTrue(jobs)
+        yield src.call("Task.clear", {"taskID": task_id})
+        with self.assertRaises(errors.ApiError) as caught:
+            yield src.call("Task.getStatus", {"taskID": task_id})
+        self.assertEqual(caught.exception.code, 401)
         yield src.call("VM.destroy", {"vmID": vm_id})
         yield dst.call("VM.destroy", {"vmID": vm_id})
 
@@ -158,7 +171,9 @@ class MigrationTests(MigrationBase):
             return status["migrationStats"]["state"] == "active"
 
         yield self.wait_for(started, "the migration to start")
-        yield src.call("VM.migrateCancel", {"vmID": vm_id})
+        # Stopping its task cancels the migration (Task.stop == VM.migrateCancel).
+        [task_id] = list((yield src.call("Host.getAllTasksStatuses")))
+        yield src.call("Task.stop", {"taskID": task_id})
 
         @defer.inlineCallbacks
         def source_up_again():

@@ -27,6 +27,7 @@ from vdsm_twisted.api.admin import HostAdminApi
 from vdsm_twisted.api.events import EventBus
 from vdsm_twisted.api.host import HostApi
 from vdsm_twisted.api.registry import Api
+from vdsm_twisted.api.tasks import HostTaskApi, TaskApi
 from vdsm_twisted.api.vm import HostVmApi, VmApi
 from vdsm_twisted.common import logging as vlogging
 from vdsm_twisted.common import sdnotify
@@ -38,6 +39,7 @@ from vdsm_twisted.host.stats import HostStatsSampler
 from vdsm_twisted.privdclient import PrivdClient
 from vdsm_twisted.protocols.listener import EngineListenerService
 from vdsm_twisted.state.store import StateStore
+from vdsm_twisted.tasks.manager import TaskManager
 from vdsm_twisted.virt.qemu.driver import QemuDriver
 from vdsm_twisted.virt.stats import VmStatsSampler
 
@@ -66,6 +68,8 @@ class AgentService(MultiService):
         self.store = StateStore(os.path.join(config["agent", "run_dir"], "state"), reactor=reactor)
         self.driver = QemuDriver(reactor, config, self.bus, self.privd, self.store)
         self.driver.setServiceParent(self)
+        self.tasks = TaskManager(self.store, self.bus, clock=reactor)
+        self.driver.tasks = self.tasks
         self.vm_sampler = VmStatsSampler(self.driver.list, config["sampling", "vm_stats_interval"],
                                          config["vm", "qmp_timeout"], clock=reactor)
         self.vm_sampler.setServiceParent(self)
@@ -74,7 +78,8 @@ class AgentService(MultiService):
                                  drain_timeout=config["agent", "upgrade_drain_timeout"])
         self.upgrader.confirm_timeout = config["agent", "upgrade_confirm_timeout"]
         self.api = Api([HostApi(self.capabilities, self.sampler, vm_list=host_vms.vm_list),
-                        host_vms, HostAdminApi(self.upgrader), VmApi(self.driver)])
+                        host_vms, HostAdminApi(self.upgrader), VmApi(self.driver),
+                        TaskApi(self.tasks), HostTaskApi(self.tasks)])
         self.listener = EngineListenerService(config, self.api, self.bus, reactor=reactor)
         self.listener.setServiceParent(self)
         self._previous_signals: dict[int, object] = {}
@@ -113,6 +118,8 @@ class AgentService(MultiService):
                               sig=signal.Signals(signum).name)
                 os.kill(os.getpid(), signum)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
+        # Tasks after the VMs: a task's resumer may need its VM.
+        recovered.addBoth(lambda r: self.tasks.recover().addBoth(lambda _: r))
         recovered.addBoth(self._recovered)
         d = defer.maybeDeferred(lambda: self.listener.listening)
         d.addCallback(self._serving)

@@ -352,7 +352,9 @@ class HookRunner:
     """Runs hook scripts from C{hooks_dir}, each limited to C{timeout} seconds.
 
     Runs for different VMs proceed concurrently; the scripts of one run go
-    one after the other.
+    one after the other.  C{tmp_dir} holds the private XML directories (the
+    system temp dir if None; it must exist); C{threadpool} runs the blocking
+    file work (the reactor's pool if None); C{python} runs the launcher.
     """
 
     def __init__(self, hooks_dir: str, timeout: float, reactor=None, tmp_dir: str | None = None,

@@ -64,6 +64,8 @@ class QemuDriver(Service):
         self.spice_available = False
         #: Inherited fds taken over by adopted children (after an upgrade re-exec).
         self.claimed_fds: set[int] = set()
+        #: The agent's TaskManager (long operations are tasks), when wired.
+        self.tasks = None
         self.configure(config)
 
     def configure(self, config) -> None:
@@ -196,12 +198,18 @@ class QemuDriver(Service):
         return answer
 
     def hibernate(self, vm_id: str, path: str):
+        """Save the VM's state to C{path} (tracked as a task when tasks are on)."""
         try:
             path = domxml.resolve_image_path(path, self.image_roots, "hiberVolHandle",
                                              must_exist=False)
         except domxml.DomainXMLError as e:
             raise errors.InvalidParams(str(e)) from None
-        return self.get(vm_id).hibernate(path)
+        vm = self.get(vm_id)
+        if self.tasks is None:
+            return vm.hibernate(path)
+        task = self.tasks.start("hibernate", "VM.hibernate", lambda _task: vm.hibernate(path),
+                                vm_id=vm_id, params={"path": path})
+        return task.when_done()
 
     # -- live migration
     def _connect_agent(self, host: str, port: int):
@@ -217,10 +225,25 @@ class QemuDriver(Service):
             raise errors.ApiError(f"VM {vm_id} cannot migrate while {vm.status}")
         if vm.migration is not None and vm.migration.state in ("starting", "active"):
             raise errors.ApiError(f"VM {vm_id} is already migrating")
-        vm.migration = OutgoingMigration(vm, params, self._connect_agent)
-        vm.migration.start().addErrback(
-            lambda f: self.log.failure("VM {vm}: migration crashed", f, vm=vm_id))
-        return {"status": {"code": 0, "message": "Migration in progress"}, "progress": 0}
+        migration = vm.migration = OutgoingMigration(vm, params, self._connect_agent)
+
+        @defer.inlineCallbacks
+        def run(task):
+            task.on_stop = lambda _task: migration.cancel()
+            migration.on_progress = task.set_progress
+            yield migration.start()
+            if migration.state != "completed":
+                raise errors.ApiError(migration.message)
+            return migration.status()
+
+        if self.tasks is None:
+            migration.start().addErrback(
+                lambda f: self.log.failure("VM {vm}: migration crashed", f, vm=vm_id))
+            return {"status": {"code": 0, "message": "Migration in progress"}, "progress": 0}
+        task = self.tasks.start("migration", "VM.migrate", run, vm_id=vm_id,
+                                params={"dst": params.get("dst")})
+        return {"status": {"code": 0, "message": "Migration in progress"}, "progress": 0,
+                "taskID": task.id}
 
     def migration_status(self, vm_id: str) -> dict:
         vm = self.get(vm_id)

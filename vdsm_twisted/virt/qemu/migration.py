@@ -61,6 +61,8 @@ class OutgoingMigration:
         self.cancelled = False
         self.done: defer.Deferred | None = None
         self._client = None
+        #: Called with the progress percentage (the task's progress).
+        self.on_progress = lambda percent: None
 
     def status(self) -> dict:
         code = {"failed": 12, "cancelled": 12}.get(self.state, 0)
@@ -78,6 +80,7 @@ class OutgoingMigration:
                 .addErrback(lambda f: None)
 
     def _publish(self) -> None:
+        self.on_progress(self.progress)
         self.vm.bus.publish(f"|virt|VM_migration_status|{self.vm.id}",
                             {self.vm.id: {"progress": self.progress, "state": self.state}})
 
