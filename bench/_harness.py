@@ -224,20 +224,61 @@ class Agent:
         """The agent's private copy of the code (its "installed" package)."""
         return self._code
 
+    def _follow_log(self) -> list[str]:
+        """
+        Complete lines of the agent's log so far, read incrementally: twistd
+        rotates C{vdsm.log} at 1 MB (to C{vdsm.log.1}, ...), which chatty
+        probes reach within seconds, so the file alone cannot be counted in.
+        """
+        if not hasattr(self, "_lines"):
+            self._lines: list[str] = []
+            self._partial = b""
+            self._ino: int | None = None
+            self._pos = 0
+            self._counts: dict[str, tuple[int, int]] = {}
+        logs = self.root / "logs"
+        try:
+            f = open(logs / "vdsm.log", "rb")
+        except OSError:
+            return self._lines
+        with f:
+            ino = os.fstat(f.fileno()).st_ino
+            data = b""
+            if self._ino is not None and ino != self._ino:
+                for old in logs.glob("vdsm.log.*"):   # rotated: finish the old file
+                    if old.stat().st_ino == self._ino:
+                        with open(old, "rb") as g:
+                            g.seek(self._pos)
+                            data += g.read()
+                        break
+                self._pos = 0
+            self._ino = ino
+            f.seek(self._pos)
+            new = f.read()
+            self._pos += len(new)
+        data = self._partial + data + new
+        *lines, self._partial = data.split(b"\n")
+        self._lines += [line.decode(errors="replace") for line in lines]
+        return self._lines
+
+    def log_count(self, text: str) -> int:
+        """How many log lines (rotated files included) contain C{text}."""
+        lines = self._follow_log()
+        scanned, count = self._counts.get(text, (0, 0))
+        count += sum(1 for line in lines[scanned:] if text in line)
+        self._counts[text] = (len(lines), count)
+        return count
+
     def log(self) -> str:
-        return self.stack.read_log("vdsm")
+        return "\n".join(self._follow_log())
 
     def wait_log(self, text: str, count: int = 1, timeout: float = 60.0,
                  poll: float = 0.005) -> float:
         """Block until C{text} was logged C{count} times; the monotonic time seen."""
-        path = self.root / "logs" / "vdsm.log"
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                if path.read_text(errors="replace").count(text) >= count:
-                    return time.monotonic()
-            except OSError:
-                pass
+            if self.log_count(text) >= count:
+                return time.monotonic()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{text!r} not logged {count} time(s) in {timeout:g} s:\n"
                                    + self.log()[-3000:])

@@ -133,6 +133,7 @@ def make_stack(root: Path, code_dir: Path, notify: bool = False,
     run_dir.mkdir()
     vdsm = pwd.getpwnam("vdsm")
     os.chown(run_dir, vdsm.pw_uid, vdsm.pw_gid)
+    (root / "hooks").mkdir(mode=0o755)
     logs = root / "logs"
     logs.mkdir()
     os.chown(logs, vdsm.pw_uid, vdsm.pw_gid)
@@ -167,6 +168,10 @@ reconnect_max_delay = 0.5
 run_dir = {run_dir}
 log_level = debug
 host_uuid_file = {root}/no-such-vdsm.id
+
+[hooks]
+dir = {root}/hooks
+timeout = 3
 
 [sampling]
 host_stats_interval = 0.5

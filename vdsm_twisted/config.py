@@ -71,6 +71,16 @@ SCHEMA = schema([
         "Upgrade: seconds the new build gets to serve again and re-adopt every VM;\n"
         "past that (or if it exits) the same process falls back to the previous build."),
 
+    # -- hooks
+    Key("hooks", "dir", "path", "/usr/libexec/vdsm-twisted/hooks",
+        "Directory of hook points: <dir>/<hook_name>/ holds executables run in byte order\n"
+        "(VDSM's hook names: before_vm_start, after_vm_destroy, ...). Missing = no hooks.\n"
+        "Scripts and dirs must be owned by root or the agent's user and not\n"
+        "group/world-writable, or they are skipped."),
+    Key("hooks", "timeout", "positive-float", "30",
+        "Seconds each hook script may run. Past it its process group is killed; a\n"
+        "before_* hook then stops the operation, an after_* hook is only logged."),
+
     # -- sampling
     Key("sampling", "host_stats_interval", "positive-float", "2",
         "Seconds between host statistics samples (CPU, memory, NIC rates)."),

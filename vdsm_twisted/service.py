@@ -100,6 +100,7 @@ class AgentService(MultiService):
         self.store.start()
         self.api.recovering = True
         super().startService()
+        self._vdsm_hook("before_vdsm_start")
         for signum, handler in ((signal.SIGHUP, self.reload),
                                 (signal.SIGUSR2, self._upgrade_signal)):
             self._previous_signals[signum] = signal.signal(
@@ -144,7 +145,13 @@ class AgentService(MultiService):
         d = defer.maybeDeferred(self.upgrader.request, "SIGUSR2")
         d.addErrback(lambda f: self.log.error("upgrade: {e}", e=f.getErrorMessage()))
 
+    def _vdsm_hook(self, name: str) -> None:
+        d = self.driver.hooks.run(name)
+        d.addErrback(lambda f: self.log.warn("{hook} hook failed: {e}", hook=name,
+                                             e=f.getErrorMessage()))
+
     def _serving(self, _):
+        self._vdsm_hook("after_vdsm_start")
         if self.handoff is not None and "exec_time" in self.handoff:
             self.log.info("upgrade downtime: {ms:.0f} ms from exec to serving again",
                           ms=(time.time() - self.handoff["exec_time"]) * 1000)

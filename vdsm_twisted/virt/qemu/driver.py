@@ -27,6 +27,7 @@ from vdsm_twisted.children.process import Child, Identity, IdentityMismatch
 from vdsm_twisted.virt import domxml
 from vdsm_twisted.virt import status as st
 from vdsm_twisted.virt.interfaces import IVmDriver
+from vdsm_twisted.hooks import HookError, HookRunner
 from vdsm_twisted.virt.qemu.argv import probe_spice
 from vdsm_twisted.virt.qemu.migration import OutgoingMigration
 from vdsm_twisted.virt.qemu.vm import QemuVm
@@ -34,6 +35,15 @@ from vdsm_twisted.virt.qemu.vm import QemuVm
 STATE_KIND = "vm"
 #: The fd number a restored QEMU reads its saved state from.
 RESTORE_FD = 99
+
+
+def hook_env(params: dict) -> dict[str, str]:
+    """The VM's custom properties, as hook scripts receive them (VDSM)."""
+    custom = params.get("custom") or {}
+    if not isinstance(custom, dict):
+        return {}
+    return {str(k): str(v) for k, v in custom.items()
+            if isinstance(k, str) and "=" not in k and "\0" not in k and "\0" not in str(v)}
 
 
 def _looks_like_uuid(name: str) -> bool:
@@ -85,6 +95,8 @@ class QemuDriver(Service):
         self.qmp_connect_timeout = config["vm", "qmp_connect_timeout"]
         self.vnc_display_base = config["vm", "vnc_display_base"]
         self.pki_dir = config["tls", "pki_dir"]
+        self.hooks = HookRunner(config["hooks", "dir"], config["hooks", "timeout"], self.reactor,
+                                tmp_dir=os.path.join(config["agent", "run_dir"], "hooks"))
         self.migration_address = config["addresses", "management_ip"] or "0.0.0.0"
         if self.migration_address == "::":
             self.migration_address = "[::]"
@@ -97,6 +109,7 @@ class QemuDriver(Service):
     def startService(self):
         super().startService()
         os.makedirs(self.vms_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.hooks.tmp_dir, mode=0o700, exist_ok=True)
         os.makedirs(self.log_dir, mode=0o750, exist_ok=True)
         # Whether this QEMU has SPICE: asked once, off the reactor thread.
         self.spice_available = False
@@ -271,6 +284,11 @@ class QemuDriver(Service):
         if not isinstance(xml, str):
             raise errors.CannotCreateVM("migrationCreate: params.xml is required")
         try:
+            xml = yield self.hooks.run("before_vm_migrate_destination", xml,
+                                       hook_env(params), vm_id)
+        except HookError as e:
+            raise errors.CannotCreateVM(str(e)) from None
+        try:
             domain = domxml.parse_domain(xml, self.image_roots, max_size=self.max_xml_size)
         except domxml.DomainXMLError as e:
             raise errors.CannotCreateVM(f"Error creating the requested VM: {e}") from None
@@ -408,3 +426,4 @@ class QemuDriver(Service):
         if self.vms.get(vm_id) is vm:
             del self.vms[vm_id]
         self.forget_state(vm)
+        yield vm.run_hook("after_vm_destroy")

@@ -87,9 +87,10 @@ class OutgoingMigration:
     async def _run(self) -> None:
         vm = self.vm
         qmp_timeout = vm.driver.qmp_timeout
-        vm.set_status(st.MIGRATION_SOURCE)
         created = False
         try:
+            await vm._before_hook("before_vm_migrate_source")
+            vm.set_status(st.MIGRATION_SOURCE)
             self._client = await self._connect_agent(self.dst_host, self.dst_port)
             answer = await self._client.call("VM.migrationCreate", {
                 "vmID": vm.id, "params": {"vmId": vm.id, "xml": vm.domain.xml,
@@ -161,6 +162,7 @@ class OutgoingMigration:
         self.log.info("VM {vm}: migrated to {dst}", vm=vm.id, dst=self.params.get("dst"))
         vm._ending = st.ExitReason.MIGRATION_SUCCEEDED
         await vm.destroy(grace=vm.driver.destroy_grace)
+        vm.run_hook("after_vm_migrate_source")
 
 
 class _Cancelled(Exception):

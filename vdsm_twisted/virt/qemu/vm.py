@@ -156,6 +156,9 @@ class QemuVm(VmBase):
         tap_fds: list[int] = []
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            if incoming is None or incoming.startswith("fd:"):
+                yield self._before_start_hook(
+                    "before_vm_start" if incoming is None else "before_vm_dehibernate")
             nic_fds = {}
             for index, nic in enumerate(self.domain.nics):
                 name = nic.target_dev or self.driver.tap_name(self.id, index)
@@ -223,6 +226,7 @@ class QemuVm(VmBase):
                 state = "running"
             if state == "running" and self.status == st.POWERING_UP:
                 self.set_status(st.UP)
+                self.run_hook("after_vm_start")
         except Exception as e:
             if not self.incoming_ready.called:
                 self.incoming_ready.errback(errors.CannotCreateVM(f"failed to start: {_describe(e)}"))
@@ -282,6 +286,46 @@ class QemuVm(VmBase):
                 yield self.qmp.set_password(graphics.type, graphics.passwd,
                                             timeout=self.driver.qmp_timeout)
 
+    # -- hooks
+    def hook_env(self) -> dict[str, str]:
+        from vdsm_twisted.virt.qemu.driver import hook_env
+
+        return hook_env(self.params)
+
+    @defer.inlineCallbacks
+    def _before_start_hook(self, name: str):
+        """A before-hook may rewrite the domain XML: the result is validated again."""
+        from vdsm_twisted.virt import domxml
+
+        xml = yield self.driver.hooks.run(name, self.domain.xml, self.hook_env(), self.id)
+        if xml is not None and xml != self.domain.xml:
+            try:
+                domain = domxml.parse_domain(xml, self.driver.image_roots,
+                                             max_size=self.driver.max_xml_size)
+            except domxml.DomainXMLError as e:
+                raise errors.CannotCreateVM(f"{name} hook produced an invalid domain: {e}")
+            if domain.uuid != self.id:
+                raise errors.CannotCreateVM(f"{name} hook changed the VM's uuid")
+            self.log.info("VM {vm}: {hook} hook rewrote the domain XML", vm=self.id, hook=name)
+            self.domain = domain
+
+    def run_hook(self, name: str) -> defer.Deferred:
+        """An after-hook: its failure is logged, never raised (the deed is done)."""
+        d = self.driver.hooks.run(name, self.domain.xml, self.hook_env(), self.id)
+        d.addErrback(lambda f: self.log.warn("VM {vm}: {hook} hook failed: {e}", vm=self.id,
+                                             hook=name, e=f.getErrorMessage()))
+        return d
+
+    @defer.inlineCallbacks
+    def _before_hook(self, name: str):
+        """A before-hook of a verb: exit 2 (or a timeout) refuses the verb."""
+        from vdsm_twisted.hooks import HookError
+
+        try:
+            yield self.driver.hooks.run(name, self.domain.xml, self.hook_env(), self.id)
+        except HookError as e:
+            raise errors.ApiError(str(e)) from None
+
     # -- QMP events
     def _qmp_event(self, name: str, data: dict, timestamp) -> None:
         if name == "STOP" and self.status in (st.UP, st.POWERING_UP):
@@ -310,8 +354,10 @@ class QemuVm(VmBase):
         if self.status not in (st.MIGRATION_DESTINATION, st.RESTORING_STATE):
             return
         if status == "completed":
+            after = ("after_vm_dehibernate" if self.status == st.RESTORING_STATE
+                     else "after_vm_migrate_destination")
             d = self.qmp.cont(timeout=self.driver.qmp_timeout)
-            d.addCallback(lambda _: self.set_status(st.UP))
+            d.addCallback(lambda _: (self.set_status(st.UP), self.run_hook(after)))
             d.addErrback(lambda f: self.log.error("VM {vm}: cannot resume after the incoming "
                                                   "state: {e}", vm=self.id, e=f.getErrorMessage()))
         elif status in ("failed", "cancelled"):
@@ -433,16 +479,20 @@ class QemuVm(VmBase):
     @defer.inlineCallbacks
     def pause(self):
         self._require_running()
+        yield self._before_hook("before_vm_pause")
         yield self.qmp.stop(timeout=self.driver.qmp_timeout)
         if self.status in (st.UP, st.POWERING_UP):
             self.set_status(st.PAUSED)
+        self.run_hook("after_vm_pause")
 
     @defer.inlineCallbacks
     def cont(self):
         self._require_running()
+        yield self._before_hook("before_vm_cont")
         yield self.qmp.cont(timeout=self.driver.qmp_timeout)
         if self.status == st.PAUSED:
             self.set_status(st.UP)
+        self.run_hook("after_vm_cont")
 
     @defer.inlineCallbacks
     def reset(self):
@@ -489,6 +539,7 @@ class QemuVm(VmBase):
             raise errors.ApiError(f"VM {self.id} cannot hibernate while {self.status}")
         timeout = self.driver.qmp_timeout
         was = self.status
+        yield self._before_hook("before_vm_hibernate")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             yield self.qmp.execute("getfd", {"fdname": "hibernate"}, timeout=timeout, fd=fd)
@@ -516,6 +567,7 @@ class QemuVm(VmBase):
         self.log.info("VM {vm}: state saved to {path}", vm=self.id, path=path)
         self._ending = st.ExitReason.SAVE_STATE_SUCCEEDED
         yield self.destroy(grace=self.driver.destroy_grace)
+        self.run_hook("after_vm_hibernate")
 
     # -- views
     def display_info(self) -> list[dict]:
