@@ -63,7 +63,7 @@ class Stack:
             self.wait_serving()
         return self.agent
 
-    def wait_serving(self, timeout: float = 20.0):
+    def wait_serving(self, timeout: float = 60.0):
         def up():
             if self.agent.poll() is not None:
                 raise AssertionError("agent exited:\n" + self.read_log("vdsm"))

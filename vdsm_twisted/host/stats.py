@@ -18,10 +18,9 @@ import time
 from typing import Callable
 
 import attr
-from twisted.application.service import Service
-from twisted.internet import task
 from twisted.logger import Logger
 
+from vdsm_twisted.common.periodic import PeriodicService
 from vdsm_twisted.host.caps import parse_cpulist, parse_meminfo
 
 log = Logger()
@@ -326,7 +325,7 @@ def read_sample(now: float, proc: str = "/proc", sys: str = "/sys") -> HostSampl
     )
 
 
-class HostStatsSampler(Service):
+class HostStatsSampler(PeriodicService):
     """Samples host counters every C{interval} seconds; L{snapshot} reads them.
 
     A failed sample is logged and the loop goes on: stats are never worth
@@ -336,10 +335,7 @@ class HostStatsSampler(Service):
     def __init__(self, interval: float, clock=None, proc: str = "/proc", sys: str = "/sys",
                  vm_counts: Callable[[], tuple[int, int]] | None = None,
                  mem_committed: Callable[[], int] | None = None):
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self.interval = interval
-        self.clock = clock
+        super().__init__(interval, clock)
         self.proc = proc
         self.sys = sys
         self.vm_counts = vm_counts
@@ -347,32 +343,9 @@ class HostStatsSampler(Service):
         self._numa_map = numa_cpu_map(sys)
         self._prev: HostSample | None = None
         self._last: HostSample | None = None
-        self._loop: task.LoopingCall | None = None
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop = task.LoopingCall(self.sample)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=True).addErrback(
-            lambda f: log.failure("host stats sampler stopped", f))
-
-    def stopService(self):
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-
-    def set_interval(self, interval: float) -> None:
-        """Change the period (SIGHUP reload); a running loop restarts on it."""
-        if interval == self.interval:
-            return
-        self.interval = interval
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-            self._loop = task.LoopingCall(self.sample)
-            self._loop.clock = self.clock
-            self._loop.start(interval, now=False).addErrback(
-                lambda f: log.failure("host stats sampler stopped", f))
+    def step(self) -> None:
+        self.sample()
 
     def sample(self) -> None:
         """Take one sample now (the loop's body; tests call it too)."""

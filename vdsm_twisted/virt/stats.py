@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable
 
-from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
+from vdsm_twisted.common.periodic import PeriodicService
 from vdsm_twisted.virt import status as st
 from vdsm_twisted.virt.qemu import qmp as qmplib
 
@@ -61,48 +61,23 @@ def _rate(now: float, then: float, dt: float) -> float:
     return max(0.0, (now - then) / dt) if dt > 0 else 0.0
 
 
-class VmStatsSampler(Service):
+class VmStatsSampler(PeriodicService):
     """Samples all running VMs every C{interval} seconds."""
 
     name = "vm-stats"
 
     def __init__(self, vms: Callable[[], Iterable], interval: float, qmp_timeout: float,
                  clock=None, proc: str = "/proc", sys: str = "/sys"):
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self.clock = clock
+        super().__init__(interval, clock)
         self._vms = vms
-        self.interval = interval
         self.qmp_timeout = qmp_timeout
         self.proc = proc
         self.sys = sys
-        self._loop: task.LoopingCall | None = None
         self._previous: dict[str, dict] = {}
         self._pass: defer.Deferred | None = None
 
-    def startService(self):
-        super().startService()
-        self._start_loop(now=True)
-
-    def _start_loop(self, now: bool):
-        self._loop = task.LoopingCall(self.sample_all)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=now).addErrback(
-            lambda f: log.failure("VM stats sampler stopped", f))
-
-    def stopService(self):
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-
-    def set_interval(self, interval: float) -> None:
-        if interval == self.interval:
-            return
-        self.interval = interval
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-            self._start_loop(now=False)
+    def step(self):
+        return self.sample_all()
 
     def sample_all(self) -> defer.Deferred | None:
         """One pass; a pass still waiting on slow monitors is not stacked."""

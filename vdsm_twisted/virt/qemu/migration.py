@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from vdsm_twisted.api import errors
@@ -79,6 +78,18 @@ class OutgoingMigration:
             self.vm.qmp.execute("migrate_cancel", timeout=self.vm.driver.qmp_timeout) \
                 .addErrback(lambda f: None)
 
+    def _nap(self, reactor) -> defer.Deferred:
+        """Until the next poll, or sooner if QEMU reports a migration state."""
+        self._wake = defer.Deferred()
+        timer = reactor.callLater(POLL_INTERVAL, self.wake)
+        self._wake.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+        return self._wake
+
+    def wake(self, status: str | None = None) -> None:
+        wake, self._wake = getattr(self, "_wake", None), None
+        if wake is not None and not wake.called:
+            wake.callback(status)
+
     def _publish(self) -> None:
         self.on_progress(self.progress)
         self.vm.bus.publish(f"|virt|VM_migration_status|{self.vm.id}",
@@ -104,6 +115,9 @@ class OutgoingMigration:
             if self.bandwidth:
                 params["max-bandwidth"] = self.bandwidth
             await vm.qmp.execute("migrate-set-parameters", params, timeout=qmp_timeout)
+            # MIGRATION events wake the watcher at once (polling is the fallback).
+            await vm.qmp.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "events", "state": True}]}, timeout=qmp_timeout)
             await vm.qmp.execute("migrate", {"uri": f"tcp:{self.qemu_host}:{port}"},
                                  timeout=qmp_timeout)
             self.state = "active"
@@ -127,7 +141,7 @@ class OutgoingMigration:
                     self.message = f"Migration timed out after {self.timeout:g}s"
                     await vm.qmp.execute("migrate_cancel", timeout=qmp_timeout)
                     self.cancelled = True
-                await deferLater(vm.driver.reactor, POLL_INTERVAL, lambda: None)
+                await self._nap(vm.driver.reactor)
         except Exception as e:
             failed = "cancelled" if isinstance(e, _Cancelled) or self.cancelled else "failed"
             if not (self.cancelled and self.message.startswith("Migration timed out")):

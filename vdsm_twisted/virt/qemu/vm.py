@@ -350,7 +350,11 @@ class QemuVm(VmBase):
             self._migration_event(data.get("status"))
 
     def _migration_event(self, status: str | None) -> None:
-        """Incoming side: the state arrived (run the guest) or not (end it)."""
+        """Incoming side: the state arrived (run the guest) or not (end it);
+        outgoing side: wake the migration's watcher."""
+        if self.migration is not None and self.status == st.MIGRATION_SOURCE:
+            self.migration.wake(status)
+            return
         if self.status not in (st.MIGRATION_DESTINATION, st.RESTORING_STATE):
             return
         if status == "completed":
