@@ -350,9 +350,9 @@ def main() -> int:
                            f"{r.get('sig_exec', float('nan')) * 1000:.0f} ms")
                 time.sleep(1.0)
             if args.trace_runs and count in (counts[0], counts[-1]):
-                h.progress(f"breakdown: {args.trace_runs} traced upgrades at {count} VMs")
-                traces[count] = []
                 runs = args.trace_runs if count == counts[0] else min(args.trace_runs, 3)
+                h.progress(f"breakdown: {runs} traced upgrades at {count} VMs")
+                traces[count] = []
                 for trace in breakdown(agent, trace_dir, runs, n_done):
                     traces[count].append(trace)
                     n_done += 1

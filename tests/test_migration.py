@@ -90,6 +90,14 @@ class MigrationBase(unittest.TestCase):
                                      + self.dst.read_log("vdsm")[-3000:])
             yield sleep(0.1)
 
+    def wait_migration_active(self, client, vm_id):
+        @defer.inlineCallbacks
+        def started():
+            status = yield client.call("VM.getMigrationStatus", {"vmID": vm_id})
+            return status["migrationStats"]["state"] == "active"
+
+        return self.wait_for(started, "the migration to start")
+
     @defer.inlineCallbacks
     def status_of(self, client, vm_id):
         try:
@@ -165,12 +173,7 @@ class MigrationTests(MigrationBase):
         yield src.call("VM.migrate", {"vmID": vm_id, "params": {
             "dst": f"localhost:{self.dst.port}", "dstqemu": "127.0.0.1", "maxBandwidth": 2}})
 
-        @defer.inlineCallbacks
-        def started():
-            status = yield src.call("VM.getMigrationStatus", {"vmID": vm_id})
-            return status["migrationStats"]["state"] == "active"
-
-        yield self.wait_for(started, "the migration to start")
+        yield self.wait_migration_active(src, vm_id)
         # Stopping its task cancels the migration (Task.stop == VM.migrateCancel).
         [task_id] = list((yield src.call("Host.getAllTasksStatuses")))
         yield src.call("Task.stop", {"taskID": task_id})
@@ -221,12 +224,7 @@ class MigrationTests(MigrationBase):
         yield src.call("VM.migrate", {"vmID": vm_id, "params": {
             "dst": f"localhost:{self.dst.port}", "dstqemu": "127.0.0.1", "maxBandwidth": 2}})
 
-        @defer.inlineCallbacks
-        def started():
-            status = yield src.call("VM.getMigrationStatus", {"vmID": vm_id})
-            return status["migrationStats"]["state"] == "active"
-
-        yield self.wait_for(started, "the migration to start")
+        yield self.wait_migration_active(src, vm_id)
         # The destination agent is killed, and its QEMU with it (a host crash).
         [src_pid] = [p for p in qemu_pids(vm_id) if str(self.src.root / "run") in
                      open(f"/proc/{p}/cmdline").read()]
@@ -272,12 +270,7 @@ class MigrationAcrossUpgradeTests(MigrationBase):
         yield src.call("VM.migrate", {"vmID": vm_id, "params": {
             "dst": f"localhost:{self.dst.port}", "dstqemu": "127.0.0.1", "maxBandwidth": 4}})
 
-        @defer.inlineCallbacks
-        def started():
-            status = yield src.call("VM.getMigrationStatus", {"vmID": vm_id})
-            return status["migrationStats"]["state"] == "active"
-
-        yield self.wait_for(started, "the migration to start")
+        yield self.wait_migration_active(src, vm_id)
         self.bump()
         os.kill(stack.agent.pid, signal.SIGUSR2)
 

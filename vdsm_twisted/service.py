@@ -105,6 +105,26 @@ class AgentService(MultiService):
                                 (signal.SIGUSR2, self._upgrade_signal)):
             self._previous_signals[signum] = signal.signal(
                 signum, lambda *_, h=handler: self._reactor.callFromThread(h))
+        d = defer.maybeDeferred(lambda: self.listener.listening)
+        d.addCallback(self._serving)
+        d.addErrback(self._failed_to_listen)
+        # Accepting starts as soon as startService returns; VMs are re-attached
+        # on the next turn (VM calls answer code 99 until then).
+        recovered = defer.Deferred()
+        self._reactor.callLater(0, lambda: self._recover().chainDeferred(recovered))
+        if self.handoff is not None:
+            # Serving and every VM re-attached: the upgrade is confirmed.
+            defer.gatherResults([recovered, d], consumeErrors=True).addCallback(
+                lambda _: handoff.confirm(self.handoff_path))
+        snap = threads.deferToThread(codeid.snapshot,
+                                     os.path.join(self.config["agent", "run_dir"], "code"))
+        snap.addCallback(lambda path: setattr(self.upgrader, "snapshot", path))
+        snap.addErrback(lambda f: self.log.warn(
+            "no snapshot of the running code ({e}): an upgrade will have no fallback",
+            e=f.getErrorMessage()))
+
+    def _recover(self) -> defer.Deferred:
+        """Re-attach VMs (and then tasks); after an upgrade, settle the inherited fds."""
         recovered = self.driver.recover(self.handoff["children"] if self.handoff else None)
         if self.handoff is not None:
             claimed = self.driver.claimed_fds | {fd["fd"] for fd in self.handoff["listening"]}
@@ -122,19 +142,7 @@ class AgentService(MultiService):
         # Tasks after the VMs: a task's resumer may need its VM.
         recovered.addBoth(lambda r: self.tasks.recover().addBoth(lambda _: r))
         recovered.addBoth(self._recovered)
-        d = defer.maybeDeferred(lambda: self.listener.listening)
-        d.addCallback(self._serving)
-        d.addErrback(self._failed_to_listen)
-        if self.handoff is not None:
-            # Serving and every VM re-attached: the upgrade is confirmed.
-            defer.gatherResults([recovered, d], consumeErrors=True).addCallback(
-                lambda _: handoff.confirm(self.handoff_path))
-        snap = threads.deferToThread(codeid.snapshot,
-                                     os.path.join(self.config["agent", "run_dir"], "code"))
-        snap.addCallback(lambda path: setattr(self.upgrader, "snapshot", path))
-        snap.addErrback(lambda f: self.log.warn(
-            "no snapshot of the running code ({e}): an upgrade will have no fallback",
-            e=f.getErrorMessage()))
+        return recovered
 
     def _recovered(self, result):
         self.api.recovering = False

@@ -51,7 +51,8 @@ def observer_for(twistd_options: Any) -> ILogObserver | None:
     else:
         from twisted.python.logfile import LogFile
 
-        stream = LogFile.fromFullPath(logfile)
+        # twistd's 1 MB rotation is too small for an agent at debug level.
+        stream = LogFile.fromFullPath(logfile, rotateLength=50_000_000, maxRotatedFiles=10)
     return FilteringLogObserver(textFileLogObserver(stream), [_PREDICATE])
 
 

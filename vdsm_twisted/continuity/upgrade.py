@@ -117,7 +117,15 @@ class Upgrader:
                 self.agent.reload()
                 self.in_progress = False
                 return "reloaded"
-            self.log.info("upgrade requested ({reason}): draining", reason=reason)
+            # The preflight runs while the old image still serves everyone.
+            self.log.info("upgrade requested ({reason}): preflight of the installed code",
+                          reason=reason)
+            ok, why = yield self.preflight()
+            if not ok:
+                self.log.error("upgrade refused, the old image keeps serving: {why}", why=why)
+                self.in_progress = False
+                return "refused: " + why
+            self.log.info("upgrade: draining")
             self.agent.listener.pause_accepting()
             drained = self.agent.api.idle(allowed=own_calls)
             drained.addTimeout(self.drain_timeout, self.reactor)
@@ -140,12 +148,6 @@ class Upgrader:
                 except defer.TimeoutError:
                     self.log.warn("upgrade: migrations did not end within {t}s",
                                   t=self.drain_timeout)
-            ok, why = yield self.preflight()
-            if not ok:
-                self.log.error("upgrade refused, the old image keeps serving: {why}", why=why)
-                self.agent.listener.resume_accepting()
-                self.in_progress = False
-                return "refused: " + why
         except Exception:
             self.agent.listener.resume_accepting()
             self.in_progress = False
