@@ -312,7 +312,7 @@ class CrashTests(ContinuityBase):
         ids = yield self.start_vms(client, 3)
         pids = {vm_id: qemu_pids(vm_id) for vm_id in ids}
         self.restart_agent()
-        yield self.wait_log("recovery done")
+        yield self.wait_log("recovery done", count=2)  # the first start logged one
         listed = yield client.call("Host.getVMList", timeout=60)
         self.assertEqual(sorted((v["vmId"], v["status"]) for v in listed),
                          sorted((vm_id, "Up") for vm_id in ids))
@@ -338,7 +338,7 @@ class CrashTests(ContinuityBase):
         state = self.stack.root / "run" / "state" / "vm" / f"{ids[0]}.json"
         state.write_bytes(state.read_bytes()[:40])  # truncated
         self.stack.start_agent()
-        yield self.wait_log("recovery done")
+        yield self.wait_log("recovery done", count=2)  # the first start logged one
         self.assertIn("refused", self.stack.read_log("vdsm"))
         self.assertIn("adopting QEMU", self.stack.read_log("vdsm"))
         listed = yield client.call("Host.getVMList", timeout=60)
@@ -365,7 +365,7 @@ class CrashTests(ContinuityBase):
         doc["data"]["child"]["pid"] = stranger.pid
         state.write_text(json.dumps(doc))
         self.stack.start_agent()
-        yield self.wait_log("recovery done")
+        yield self.wait_log("recovery done", count=2)  # the first start logged one
         self.assertIn("not adopted", self.stack.read_log("vdsm"))
         self.assertIsNone(stranger.poll())
         [stats] = yield client.call("VM.getStats", {"vmID": vm_id}, timeout=60)
