@@ -4,9 +4,14 @@ Upgrade = re-exec in place (seed 001; DESIGN.md "State, reload, upgrade, crash")
     request ─▶ code unchanged? ─▶ reload (SIGHUP path)
        │
        ▼
-    stop accepting ─▶ drain calls (deadline) ─▶ preflight subprocess ─┬▶ refused: resume, old image serves
-                                                                      ▼
-    block HUP/TERM/USR1/USR2/CHLD ─▶ save state + handoff ─▶ close clients ─▶ execv (same pid)
+    preflight subprocess (still serving) ─▶ refused: the old image serves on
+       │
+       ▼
+    stop accepting ─▶ drain calls (deadline) ─▶ cancel outgoing migrations
+       │
+       ▼
+    close clients ─▶ block HUP/TERM/USR1/USR2/CHLD ─▶ save state + handoff ─▶ execv (same pid,
+                                                        through the launcher of the running build)
 
 The new image finds the handoff, adopts the listening socket (connections
 wait in its backlog meanwhile), re-adopts every child through its inherited
