@@ -195,14 +195,16 @@ class Agent:
         self.stack: _stack.Stack | None = None
         self._code: Path | None = None
 
-    def start(self) -> "Agent":
+    def start(self, peer: "Agent | None" = None) -> "Agent":
+        """C{peer}: be a second host of C{peer}'s cluster (its CA and image root)."""
         self.root = Path(tempfile.mkdtemp(prefix="vt-bench-"))
         self._code = Path(tempfile.mkdtemp(prefix="vt-bench-code-"))
         _procs.code_copy(self._code)
         if self.bytecode:
             subprocess.run([sys.executable, "-m", "compileall", "-q", str(self._code)],
                            check=True, stdout=subprocess.DEVNULL)
-        self.stack = _stack.make_stack(self.root, self._code)
+        kw = {} if peer is None else {"pki_dir": peer.stack.pki_dir, "images": peer.stack.images}
+        self.stack = _stack.make_stack(self.root, self._code, **kw)
         conf = self.stack.agent_conf
         text = conf.read_text()
         text = text.replace("log_level = debug", f"log_level = {self.log_level}")

@@ -64,7 +64,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _harness as h  # noqa: E402
-from tests import _procs, _stack  # noqa: E402
+from tests import _procs  # noqa: E402
 
 MEMORY_MIB = 512
 nan = float("nan")
@@ -314,27 +314,6 @@ class SerialWatch:
 
 
 # -- the agents ----------------------------------------------------------------
-
-class PeerAgent(h.Agent):
-    """L{h.Agent}, optionally a second host of C{peer}'s cluster (its CA and image root)."""
-
-    def start(self, peer: "PeerAgent | None" = None) -> "PeerAgent":
-        self.root = Path(tempfile.mkdtemp(prefix="vt-bench-mig-"))
-        self._code = Path(tempfile.mkdtemp(prefix="vt-bench-code-"))
-        _procs.code_copy(self._code)
-        kw = {} if peer is None else {"pki_dir": peer.stack.pki_dir, "images": peer.stack.images}
-        self.stack = _stack.make_stack(self.root, self._code, **kw)
-        conf = self.stack.agent_conf
-        text = conf.read_text().replace("log_level = debug", f"log_level = {self.log_level}")
-        text = text.replace("host_stats_interval = 0.5",
-                            f"host_stats_interval = {self.host_stats_interval}")
-        text = text.replace("vm_stats_interval = 0.5",
-                            f"vm_stats_interval = {self.vm_stats_interval}")
-        conf.write_text(text)
-        self.stack.start_privd()
-        self.stack.start_agent()
-        return self
-
 
 class MigrationEvents(h.Events):
     """L{h.Events}, plus the first arrival of each migration state of a VM."""
@@ -617,7 +596,7 @@ def bandwidths(runs: int, center: int, jitter: float, seed: int) -> list[int]:
     return values
 
 
-async def run(runs: int, src: PeerAgent, dst: PeerAgent, floor: Floor, params: dict,
+async def run(runs: int, src: h.Agent, dst: h.Agent, floor: Floor, params: dict,
               per_round: list[int]) -> dict:
     image = src.stack.images / "fill.img"
     src.conn = await connect(src)
@@ -676,8 +655,8 @@ def main() -> int:
     result: dict = {}
     try:
         h.progress("starting the source and destination stacks")
-        src = PeerAgent().start()
-        dst = PeerAgent().start(peer=src)
+        src = h.Agent().start()
+        dst = h.Agent().start(peer=src)
         build_boot_image(src.stack.images / "fill.img")
         floor = Floor(src.stack.images)
 

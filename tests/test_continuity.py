@@ -21,6 +21,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from tests import _procs, _stack
+from tests._builds import PrivateBuild
 from vdsm_twisted.api import errors
 from tests.test_vm_lifecycle import VmTestBase, domain_xml, qemu_pids
 
@@ -38,38 +39,8 @@ def proc_stat(pid: int) -> dict:
             "rss": int(status["VmRSS"].split()[0])}
 
 
-class ContinuityBase(VmTestBase):
+class ContinuityBase(PrivateBuild, VmTestBase):
     timeout = 400
-
-    def setUp(self):
-        # A private copy of the code: "installing a new build" touches it.
-        self.code = _procs.code_copy(Path(tempfile.mkdtemp(prefix="vt-code-")))
-        self.addCleanup(shutil.rmtree, self.code, True)
-        real = _procs.shared_code_dir
-        _procs.shared_code_dir = lambda: self.code
-        try:
-            super().setUp()
-        finally:
-            _procs.shared_code_dir = real
-
-    def install_new_build(self, breaking: bool = False, crashing: bool = False) -> None:
-        """Rewrite a module of the installed code (as a package upgrade would).
-
-        C{breaking}: it cannot even be imported (preflight catches it);
-        C{crashing}: it imports fine but fails while starting (preflight cannot).
-        """
-        target = self.code / "vdsm_twisted" / ("tap.py" if crashing else "_version.py")
-        text = target.read_text()
-        if breaking:
-            text += "\nraise ImportError('this build is broken')\n"
-        elif crashing:
-            text += ("\n\ndef makeService(options):\n"
-                     "    raise RuntimeError('this build crashes at start-up')\n")
-        else:
-            text += f"\n# rebuilt {time.time()}\n"
-        target.write_text(text)
-        # A new mtime even within the same clock tick.
-        os.utime(target, ns=(time.time_ns(), time.time_ns() + 1000))
 
     @defer.inlineCallbacks
     def start_vms(self, client, count: int, bridge: bool = True):

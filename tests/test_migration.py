@@ -19,6 +19,7 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from tests import _guest, _procs, _stack
+from tests._builds import PrivateBuild
 from tests.test_vm_lifecycle import qemu_pids
 from vdsm_twisted.api import errors
 
@@ -44,7 +45,7 @@ class MigrationBase(unittest.TestCase):
         root_b = Path(tempfile.mkdtemp(prefix="vt-dst-"))
         for root in (root_a, root_b):
             self.addCleanup(shutil.rmtree, root, True)
-        code = _procs.shared_code_dir()
+        code = self.code_for_stack()
         self.src = _stack.make_stack(root_a, code)
         self.dst = _stack.make_stack(root_b, code, pki_dir=self.src.pki_dir, images=self.src.images)
         for stack in (self.src, self.dst):
@@ -53,6 +54,9 @@ class MigrationBase(unittest.TestCase):
             self.addCleanup(stack.stop)
         self.kernel, self.initrd = _guest.guest_files(self.src.images)
         self.events = {"src": [], "dst": []}
+
+    def code_for_stack(self):
+        return _procs.shared_code_dir()
 
     @defer.inlineCallbacks
     def clients(self):
@@ -245,23 +249,8 @@ class MigrationTests(MigrationBase):
         self.assertEqual(qemu_pids(vm_id), [src_pid])
 
 
-class MigrationAcrossUpgradeTests(MigrationBase):
+class MigrationAcrossUpgradeTests(PrivateBuild, MigrationBase):
     """A migration in flight when either agent upgrades: never two copies, never none."""
-
-    def setUp(self):
-        self.code = _procs.code_copy(Path(tempfile.mkdtemp(prefix="vt-code-")))
-        self.addCleanup(shutil.rmtree, self.code, True)
-        real = _procs.shared_code_dir
-        _procs.shared_code_dir = lambda: self.code
-        try:
-            super().setUp()
-        finally:
-            _procs.shared_code_dir = real
-
-    def bump(self):
-        target = self.code / "vdsm_twisted" / "_version.py"
-        target.write_text(target.read_text() + f"\n# rebuilt {time.time()}\n")
-        os.utime(target, ns=(time.time_ns(), time.time_ns() + 1000))
 
     @defer.inlineCallbacks
     def _migrate_slowly_and_upgrade(self, stack):
@@ -271,7 +260,7 @@ class MigrationAcrossUpgradeTests(MigrationBase):
             "dst": f"localhost:{self.dst.port}", "dstqemu": "127.0.0.1", "maxBandwidth": 4}})
 
         yield self.wait_migration_active(src, vm_id)
-        self.bump()
+        self.install_new_build()
         os.kill(stack.agent.pid, signal.SIGUSR2)
 
         @defer.inlineCallbacks
@@ -339,3 +328,23 @@ class HibernateTests(MigrationBase):
             yield src.call("VM.hibernate", {"vmID": vm_id, "hiberVolHandle": "/etc/evil.state"})
         [stats] = yield src.call("VM.getStats", {"vmID": vm_id})
         self.assertEqual(stats["status"], "Up")
+
+
+class MigrationParamsTests(unittest.TestCase):
+    """Bad migration parameters are refused before anything starts."""
+
+    def test_bad_params(self):
+        from vdsm_twisted.virt.qemu.migration import OutgoingMigration
+
+        class FakeVm:
+            id = "x"
+
+        for params in ({"dst": ""}, {"dst": "h:notaport"}, {"dst": "h", "downtime": "fast"},
+                       {"dst": "h", "maxBandwidth": -1}, {"dst": "h", "migrationTimeout": 0},
+                       {"dst": "h", "dstqemu": 5}, {"dst": 7}):
+            with self.assertRaises(errors.InvalidParams, msg=params):
+                OutgoingMigration(FakeVm(), params, None)
+        m = OutgoingMigration(FakeVm(), {"dst": "h:1234", "downtime": "300", "maxBandwidth": "4",
+                                         "migrationTimeout": "30"}, None)
+        self.assertEqual((m.dst_host, m.dst_port, m.downtime_ms, m.bandwidth, m.timeout),
+                         ("h", 1234, 300, 4 << 20, 30.0))

@@ -68,7 +68,7 @@ class VmTestBase(unittest.TestCase):
     def setUp(self):
         root = Path(tempfile.mkdtemp(prefix="vt-vm-"))
         self.addCleanup(shutil.rmtree, root, True)
-        self.stack = _stack.make_stack(root, _procs.shared_code_dir())
+        self.stack = _stack.make_stack(root, self.code_for_stack())
         self.bridge = "vtb" + uuid.uuid4().hex[:8]
         subprocess.run(["ip", "link", "add", "name", self.bridge, "type", "bridge"], check=True)
         self.addCleanup(subprocess.run, ["ip", "link", "del", self.bridge], capture_output=True)
@@ -79,6 +79,9 @@ class VmTestBase(unittest.TestCase):
         self.stack.start_agent()
         self.addCleanup(self.stack.stop)
         self.events: list[tuple[str, dict]] = []
+
+    def code_for_stack(self):
+        return _procs.shared_code_dir()
 
     @staticmethod
     def _delete_new_taps(before: set) -> None:

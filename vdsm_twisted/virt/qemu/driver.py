@@ -238,7 +238,8 @@ class QemuDriver(Service):
             raise errors.ApiError(f"VM {vm_id} cannot migrate while {vm.status}")
         if vm.migration is not None and vm.migration.state in ("starting", "active"):
             raise errors.ApiError(f"VM {vm_id} is already migrating")
-        migration = vm.migration = OutgoingMigration(vm, params, self._connect_agent)
+        migration = OutgoingMigration(vm, params, self._connect_agent)  # validates params
+        vm.migration = migration
 
         @defer.inlineCallbacks
         def run(task):

@@ -41,6 +41,20 @@ def _host_port(dst: str, default_port: int = 54321) -> tuple[str, int]:
         raise errors.InvalidParams(f"dst {dst!r}: bad port") from None
 
 
+def _number(params: dict, name: str, default, kind, low, high):
+    """A numeric migration parameter (VDSM sends many numbers as strings)."""
+    value = params.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise errors.InvalidParams(f"params.{name}: expected a number, got {value!r}") from None
+    if not low <= number <= high:
+        raise errors.InvalidParams(f"params.{name}: {number} is out of range {low}..{high}")
+    return number
+
+
 class OutgoingMigration:
     log = Logger()
 
@@ -50,10 +64,13 @@ class OutgoingMigration:
         self._connect_agent = connect_agent
         self.dst_host, self.dst_port = _host_port(params.get("dst"))
         self.qemu_host = params.get("dstqemu") or self.dst_host
-        self.downtime_ms = int(params.get("downtime") or 500)
-        bandwidth = params.get("maxBandwidth")
-        self.bandwidth = int(bandwidth) * 1024 * 1024 if bandwidth else None  # MiB/s
-        self.timeout = float(params.get("migrationTimeout") or params.get("timeout") or 600)
+        if not isinstance(self.qemu_host, str):
+            raise errors.InvalidParams("dstqemu must be an address")
+        self.downtime_ms = _number(params, "downtime", 500, int, 1, 60_000)
+        bandwidth = _number(params, "maxBandwidth", 0, int, 0, 1_000_000)
+        self.bandwidth = bandwidth * 1024 * 1024 if bandwidth else None  # MiB/s
+        self.timeout = _number(params, "migrationTimeout",
+                               _number(params, "timeout", 600, float, 1, 86400), float, 1, 86400)
         self.progress = 0
         self.state = "starting"
         self.message = "Migration in progress"
