@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from twisted.internet import defer, utils
+from twisted.internet import defer, threads, utils
 from twisted.logger import Logger
 
 from vdsm_twisted.common import sdnotify
@@ -116,7 +116,8 @@ class Upgrader:
             raise UpgradeInProgress("an upgrade is already in progress")
         self.in_progress = True
         try:
-            if installed_code_digest(self.installed) == self.started_digest:
+            digest = yield threads.deferToThread(installed_code_digest, self.installed)
+            if digest == self.started_digest:
                 self.log.info("upgrade requested ({reason}) but the installed code did not "
                               "change: reloading instead", reason=reason)
                 self.agent.reload()
