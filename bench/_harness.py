@@ -184,7 +184,9 @@ class Agent:
     """
 
     def __init__(self, vm_stats_interval: float = 2.0, host_stats_interval: float = 2.0,
-                 log_level: str = "info", bytecode: bool = False):
+                 log_level: str = "info", bytecode: bool = False, standby: bool = False):
+        #: Keep the agent's warm standby (see vdsm_twisted.continuity.standby).
+        self.standby = standby
         self.vm_stats_interval = vm_stats_interval
         self.host_stats_interval = host_stats_interval
         self.log_level = log_level
@@ -204,7 +206,7 @@ class Agent:
             subprocess.run([sys.executable, "-m", "compileall", "-q", str(self._code)],
                            check=True, stdout=subprocess.DEVNULL)
         kw = {} if peer is None else {"pki_dir": peer.stack.pki_dir, "images": peer.stack.images}
-        self.stack = _stack.make_stack(self.root, self._code, **kw)
+        self.stack = _stack.make_stack(self.root, self._code, standby=self.standby, **kw)
         conf = self.stack.agent_conf
         text = conf.read_text()
         text = text.replace("log_level = debug", f"log_level = {self.log_level}")
@@ -284,9 +286,13 @@ class Agent:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{text!r} not logged {count} time(s) in {timeout:g} s:\n"
                                    + self.log()[-3000:])
-            if self.stack.agent.poll() is not None:
+            if self.stack.agent.poll() is not None and not self.serving():
                 raise RuntimeError("the agent exited:\n" + self.log()[-3000:])
             time.sleep(poll)
+
+    def serving(self) -> bool:
+        """Is any agent of this stack alive (the started one, or a standby that took over)?"""
+        return bool(_procs.processes_mentioning(self.stack.agent_conf))
 
     def install_new_build(self) -> None:
         """Rewrite a module of the code copy, as a package upgrade would."""
@@ -339,6 +345,7 @@ class Agent:
             for proc in (self.stack.agent, self.stack.privd):
                 if proc is not None:
                     _procs.stop(proc)
+            self.stack.stop_other_agents()
             # VMs outlive the agent by design: end any the bench did not destroy.
             kill_pids(self.qemu_pids())
             if self.stack.notify_socket is not None:

@@ -110,10 +110,28 @@ class Stack:
 
         return connect("localhost", self.port, str(self.pki_dir), protocol=protocol, timeout=30)
 
+    def stop_other_agents(self) -> None:
+        """A standby that took over is nobody's Popen: stop the agents that
+        remain, serving ones first (each stops its own standby cleanly)."""
+        for _ in range(3):
+            pids = _procs.processes_mentioning(self.agent_conf)
+            if not pids:
+                break
+            for pid in [p for p, parent in pids.items() if parent not in pids]:
+                _procs.stop_pid(pid)
+
+    def serving_pid(self) -> int | None:
+        """The agent that serves now (after a takeover, the former standby)."""
+        try:
+            return int((self.root / "run" / "agent.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
     def stop(self):
         for proc in (self.agent, self.privd):
             if proc is not None:
                 _procs.stop(proc)
+        self.stop_other_agents()
         # VMs outlive the agent by design: the test must end its own QEMUs.
         subprocess.run(["pkill", "-KILL", "-f", f"qemu-system.*{self.root}/"], capture_output=True)
         if self.notify_socket is not None:
@@ -121,9 +139,11 @@ class Stack:
 
 
 def make_stack(root: Path, code_dir: Path, notify: bool = False,
-               pki_dir: Path | None = None, images: Path | None = None) -> Stack:
+               pki_dir: Path | None = None, images: Path | None = None,
+               standby: bool = False) -> Stack:
     """C{pki_dir}/C{images}: share another stack's CA and image root (a second
-    host of the same cluster, e.g. a migration destination)."""
+    host of the same cluster, e.g. a migration destination).  C{standby}: keep
+    the warm standby agent (off by default: one more Python per stack)."""
     os.chmod(root, 0o755)
     port = _procs.free_port()
     if pki_dir is None:
@@ -168,6 +188,7 @@ reconnect_max_delay = 0.5
 run_dir = {run_dir}
 log_level = debug
 host_uuid_file = {root}/no-such-vdsm.id
+standby = {"true" if standby else "false"}
 
 [hooks]
 dir = {root}/hooks

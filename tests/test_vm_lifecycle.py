@@ -64,11 +64,13 @@ def bridge_ports(bridge: str) -> list[str]:
 
 class VmTestBase(unittest.TestCase):
     timeout = 300
+    #: Run the agent with its warm standby.
+    standby = False
 
     def setUp(self):
         root = Path(tempfile.mkdtemp(prefix="vt-vm-"))
         self.addCleanup(shutil.rmtree, root, True)
-        self.stack = _stack.make_stack(root, self.code_for_stack())
+        self.stack = _stack.make_stack(root, self.code_for_stack(), standby=self.standby)
         self.bridge = "vtb" + uuid.uuid4().hex[:8]
         subprocess.run(["ip", "link", "add", "name", self.bridge, "type", "bridge"], check=True)
         self.addCleanup(subprocess.run, ["ip", "link", "del", self.bridge], capture_output=True)

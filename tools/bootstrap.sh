@@ -20,8 +20,13 @@ stop_daemon() {  # pidfile
     rm -f "$1"
 }
 
+stop_agent() {
+    stop_daemon "$RUN/vdsm.pid"    # twistd's pid file: the agent it started
+    stop_daemon "$RUN/agent.lock"  # whoever serves now (a standby that took over)
+}
+
 if [ "${1:-}" = stop ]; then
-    stop_daemon "$RUN/vdsm.pid"
+    stop_agent
     stop_daemon /run/vdsm-twisted-privd.pid
     exit 0
 fi
@@ -35,7 +40,7 @@ fi
 install -d -o vdsm -g vdsm -m 0755 "$RUN"
 install -d -o vdsm -g vdsm -m 0750 "$LOGS"
 
-stop_daemon "$RUN/vdsm.pid"
+stop_agent
 stop_daemon /run/vdsm-twisted-privd.pid
 
 "$VENV/bin/twistd" --pidfile /run/vdsm-twisted-privd.pid --logfile "$LOGS/privd.log" privd

@@ -65,6 +65,11 @@ SCHEMA = schema([
         "File holding this host's uuid, if any; otherwise the DMI product uuid,\n"
         "then /etc/machine-id, is used."),
 
+    Key("agent", "standby", "bool", "true",
+        "Keep a warm standby agent (imported, waiting, holding the listening socket)\n"
+        "that takes over within milliseconds if this one dies, instead of a cold\n"
+        "restart. Costs one idle process (~45 MiB). With systemd, the unit's\n"
+        "PIDFile=<run_dir>/agent.pid lets the standby become the main process."),
     Key("agent", "upgrade_drain_timeout", "positive-float", "10",
         "Upgrade: seconds in-flight API calls get to finish before the exec."),
     Key("agent", "upgrade_confirm_timeout", "positive-float", "60",

@@ -6,7 +6,11 @@ The agent's service tree: what runs, in which order, and how it reloads.
       ├── PrivdClient          AMP to privd, reconnecting with backoff
       ├── QemuDriver           VMs as our own QEMU children (state in run_dir)
       ├── VmStatsSampler       background VM sampling into each VM's cache
-      └── EngineListenerService  mutual TLS on one port: STOMP/JSON-RPC and AMP
+      ├── EngineListenerService  mutual TLS on one port: STOMP/JSON-RPC and AMP
+      └── StandbyKeeper        a warm standby agent, ready to take over on a crash
+
+One agent per run dir (L{runlock}); it is taken before anything else, or
+inherited across an upgrade exec.
 
 READY=1 goes to systemd once the listener is bound; SIGHUP reloads.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 from twisted.application.service import MultiService
@@ -32,8 +37,9 @@ from vdsm_twisted.api.vm import HostVmApi, VmApi
 from vdsm_twisted.common import logging as vlogging
 from vdsm_twisted.common import sdnotify
 from vdsm_twisted.common.config import Config, ConfigError
-from vdsm_twisted.continuity import codeid, handoff
-from vdsm_twisted.continuity.upgrade import BLOCKED, Upgrader
+from vdsm_twisted.continuity import codeid, handoff, runlock
+from vdsm_twisted.continuity.standby import StandbyKeeper, Takeover
+from vdsm_twisted.continuity.upgrade import BLOCKED, Upgrader, exec_argv, twistd_command
 from vdsm_twisted.host.caps import CapabilitiesCache
 from vdsm_twisted.host.stats import HostStatsSampler
 from vdsm_twisted.privdclient import PrivdClient
@@ -47,7 +53,9 @@ from vdsm_twisted.virt.stats import VmStatsSampler
 class AgentService(MultiService):
     log = Logger()
 
-    def __init__(self, config: Config, config_path: str | None = None, reactor=None):
+    def __init__(self, config: Config, config_path: str | None = None, reactor=None,
+                 takeover: Takeover | None = None):
+        """C{takeover}: set when this process was the standby of an agent that died."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -91,12 +99,24 @@ class AgentService(MultiService):
                            "previous build again", why=os.environ.pop("VDSM_TWISTED_FELL_BACK"))
         if self.handoff is not None:
             self.listener.adopt = self.handoff["listening"][0]
-
-    @classmethod
-    def from_config_path(cls, path: str | None) -> "AgentService":
-        return cls(agent_config.load(path), config_path=path)
+        self.takeover = takeover
+        if takeover is not None:
+            self.listener.adopt = takeover["listening"]
+        run_dir = config["agent", "run_dir"]
+        os.makedirs(run_dir, exist_ok=True)
+        if self.handoff is not None and self.handoff.get("lock_fd") is not None:
+            self.lock_fd = self.handoff["lock_fd"]
+        else:
+            # A predecessor that just died (crash restart, takeover) frees it at once.
+            self.lock_fd = runlock.acquire(run_dir, timeout=5.0)
+        self.standby = StandbyKeeper(
+            reactor, run_dir, self._listening_fd,
+            lambda: twistd_command(exec_argv(sys.orig_argv)),
+            enabled=config["agent", "standby"])
+        self.standby.setServiceParent(self)
 
     def startService(self):
+        runlock.mark(self.lock_fd)  # twistd may have daemonized since makeService
         self.store.start()
         self.api.recovering = True
         super().startService()
@@ -112,10 +132,13 @@ class AgentService(MultiService):
         # on the next turn (VM calls answer code 99 until then).
         recovered = defer.Deferred()
         self._reactor.callLater(0, lambda: self._recover().chainDeferred(recovered))
+        settled = defer.gatherResults([recovered, d], consumeErrors=True)
         if self.handoff is not None:
             # Serving and every VM re-attached: the upgrade is confirmed.
-            defer.gatherResults([recovered, d], consumeErrors=True).addCallback(
-                lambda _: handoff.confirm(self.handoff_path))
+            settled.addCallback(lambda _: handoff.confirm(self.handoff_path))
+        # A standby only once this agent is whole (it would recover the same VMs).
+        settled.addCallback(lambda _: self.standby.spawn())
+        settled.addErrback(lambda f: None)
         snap = threads.deferToThread(codeid.snapshot,
                                      os.path.join(self.config["agent", "run_dir"], "code"))
         snap.addCallback(lambda path: setattr(self.upgrader, "snapshot", path))
@@ -128,6 +151,7 @@ class AgentService(MultiService):
         recovered = self.driver.recover(self.handoff["children"] if self.handoff else None)
         if self.handoff is not None:
             claimed = self.driver.claimed_fds | {fd["fd"] for fd in self.handoff["listening"]}
+            claimed.add(self.lock_fd)
             closed = handoff.close_unclaimed(self.handoff, claimed)
             self.log.info("upgrade: new image adopted the listening socket and {n} child(ren); "
                           "closed {closed} unclaimed inherited fd(s)",
@@ -146,6 +170,10 @@ class AgentService(MultiService):
 
     def _recovered(self, result):
         self.api.recovering = False
+        if self.takeover is not None:
+            self.log.info("standby: every VM re-attached {ms:.0f} ms after agent pid {pid} died",
+                          ms=(time.time() - self.takeover["at"]) * 1000,
+                          pid=self.takeover["previous_pid"])
         if isinstance(result, Failure):
             self.log.failure("VM recovery failed", result)
 
@@ -158,8 +186,16 @@ class AgentService(MultiService):
         d.addErrback(lambda f: self.log.warn("{hook} hook failed: {e}", hook=name,
                                              e=f.getErrorMessage()))
 
+    def _listening_fd(self) -> int | None:
+        listening = self.listener.handoff()
+        return listening[0]["fd"] if listening else None
+
     def _serving(self, _):
         self._vdsm_hook("after_vdsm_start")
+        if self.takeover is not None:
+            self.log.info("standby: took over from agent pid {pid}; serving {ms:.0f} ms after "
+                          "it died", pid=self.takeover["previous_pid"],
+                          ms=(time.time() - self.takeover["at"]) * 1000)
         if self.handoff is not None and "exec_time" in self.handoff:
             self.log.info("upgrade downtime: {ms:.0f} ms from exec to serving again",
                           ms=(time.time() - self.handoff["exec_time"]) * 1000)

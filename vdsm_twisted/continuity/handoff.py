@@ -39,9 +39,13 @@ def inheritable_fds() -> list[int]:
     return sorted(fds)
 
 
-def write(path: str, listening: list[dict], children: dict[str, dict], extra: dict) -> None:
-    """Mark the kept fds inheritable and record them (and the strays) in C{path}."""
-    kept = [entry["fd"] for entry in listening]
+def write(path: str, listening: list[dict], children: dict[str, dict], extra: dict,
+          keep: list[int] = ()) -> None:
+    """Mark the kept fds inheritable and record them (and the strays) in C{path}.
+
+    C{keep}: further fds the next image claims by themselves (named in C{extra}).
+    """
+    kept = [entry["fd"] for entry in listening] + list(keep)
     for state in children.values():
         kept += [fd for fd in (state.get("pidfd"), state.get("output_fd")) if fd is not None]
     for fd in kept:

@@ -49,6 +49,11 @@ TWISTD = ("import sys; from twisted.scripts.twistd import run; "
           "sys.argv[0] = 'twistd'; run()")
 
 
+def twistd_command(args: list[str]) -> list[str]:
+    """A full command line running twistd with C{args} in this interpreter."""
+    return [sys.executable, "-c", TWISTD, *args]
+
+
 def twistd_args(orig_argv: list[str]) -> list[str]:
     """twistd's own arguments out of the interpreter's command line."""
     argv = list(orig_argv[1:])
@@ -199,6 +204,8 @@ class Upgrader:
         try:
             # Clients are dropped (TLS state cannot cross an exec); they reconnect.
             yield self.agent.listener.close_connections(timeout=1.0)
+            # The standby runs the old code: it goes; the new image starts its own.
+            yield self.agent.standby.pause()
             self.agent.driver.release_monitors()
             self.agent.store.stop()
             if pool is not None:
@@ -208,14 +215,15 @@ class Upgrader:
             self.agent.tasks.persist_now()
             path = os.path.join(self.agent.config["agent", "run_dir"], "handoff.json")
             handoff.write(path, self.agent.listener.handoff(), children,
-                          {"reason": "upgrade", "signals": recorded, "exec_time": time.time()})
+                          {"reason": "upgrade", "signals": recorded, "exec_time": time.time(),
+                           "lock_fd": self.agent.lock_fd}, keep=[self.agent.lock_fd])
             args = exec_argv(sys.orig_argv)
             if self.snapshot is not None:
                 launcher = os.path.join(self.snapshot, "vdsm_twisted", "continuity", "launcher.py")
                 argv = [sys.executable, launcher, "--handoff", path, "--fallback", self.snapshot,
                         "--confirm-timeout", str(self.confirm_timeout), "--", *args]
             else:
-                argv = [sys.executable, "-c", TWISTD, *args]
+                argv = twistd_command(args)
             os.environ[handoff.ENV] = path
             os.environ[codeid.INSTALLED_ENV] = os.pathsep.join(self.installed)
             if ORIG_PYTHONPATH in os.environ:  # running a fallback snapshot: back to normal
@@ -234,5 +242,6 @@ class Upgrader:
             for sig in recorded:
                 os.kill(os.getpid(), sig)
             self.agent.listener.resume_accepting()
+            self.agent.standby.resume()
             self.in_progress = False
             sdnotify.ready()
