@@ -176,3 +176,32 @@ def test_bad_input_closes_that_connection_only(stack, payload):
         assert b'"result":true' in _recv_frame(bystander)
     assert stack.agent.poll() is None
     assert stack.call("Host", "ping2") is True
+
+
+def test_standby_takes_over_and_tells_the_service_manager(private_dir, code_dir):
+    """kill -9 of the agent: the standby serves, READY=1 comes with its MAINPID,
+    and agent.pid (the unit's PIDFile=) named it beforehand, as systemd needs."""
+    s = _stack.make_stack(private_dir, code_dir, notify=True, standby=True)
+    try:
+        s.start_privd()
+        s.start_agent(notify=True)
+        _stack.read_notifications(s.notify_socket, "READY=1")
+        _procs.wait_for(lambda: "warm and ready" in s.read_log("vdsm"), 60,
+                        what="the standby")
+        standby = s.serving_pid()
+        assert standby != s.agent.pid
+        s.agent.kill()
+        s.agent.wait()
+        seen = _stack.read_notifications(s.notify_socket, "READY=1")
+        assert f"MAINPID={standby}" in seen[-1]
+        assert s.call("Host", "ping2") is True
+        # Its own standby is named next; a second agent is refused meanwhile.
+        _procs.wait_for(lambda: s.serving_pid() not in (None, standby), 60,
+                        what="the next standby")
+        rival = _procs.twistd(code_dir, "vdsm", ["--config", str(s.agent_conf)],
+                              user="vdsm", env=s.env(False))
+        assert rival.wait(60) == 1
+        assert s.call("Host", "ping2") is True
+    finally:
+        s.stop()
+    assert _procs.processes_mentioning(s.agent_conf) == {}

@@ -235,6 +235,11 @@ class AgentService(MultiService):
             self.sampler.set_interval(new["sampling", "host_stats_interval"])
             self.vm_sampler.set_interval(new["sampling", "vm_stats_interval"])
             self.driver.configure(new)
+            self.standby.enabled = new["agent", "standby"]
+            if self.standby.enabled:
+                self.standby.spawn()
+            else:
+                self.standby.pause().addCallback(lambda _: self.standby.allow())
             self.capabilities.refresh()
             self.config = new
             self.log.info("configuration reloaded from {source}", source=new.source)

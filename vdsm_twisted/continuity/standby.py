@@ -253,8 +253,12 @@ class StandbyKeeper(Service):
         process.ended.addBoth(ended)
         return d
 
-    def resume(self) -> None:
+    def allow(self) -> None:
+        """End a L{pause} without spawning (the next L{spawn} may)."""
         self._paused = False
+
+    def resume(self) -> None:
+        self.allow()
         self.spawn()
 
     def stopService(self):
