@@ -217,6 +217,8 @@ class Agent:
         conf.write_text(text)
         self.stack.start_privd()
         self.stack.start_agent()
+        # VM calls answer code 99 until the VM side is loaded and recovered.
+        self.wait_log("recovery done")
         return self
 
     @property

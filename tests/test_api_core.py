@@ -139,6 +139,32 @@ class JsonRpcTests(unittest.TestCase):
         self.assertEqual(second["result"], "yes")
 
 
+class LateNamespaceTests(unittest.TestCase):
+    """The VM side joins the API after the listener serves (Api.add)."""
+
+    def call(self, api, name, params=None):
+        return api.call(name, params or {}, CTX)
+
+    def test_declared_but_not_loaded_yet_answers_99_while_recovering(self):
+        api = Api([], methods=METHODS)
+        api.recovering = True
+        failure = self.failureResultOf(self.call(api, "Test.echo", {"value": 1}))
+        self.assertEqual(failure.value.code, 99)
+        # Parameters are still checked: a bad call is told so at once.
+        failure = self.failureResultOf(self.call(api, "Test.typed", {"vmID": "nope"}))
+        self.assertIsInstance(failure.value, errors.InvalidParams)
+        failure = self.failureResultOf(self.call(api, "Test.noSuchVerb"))
+        self.assertIsInstance(failure.value, errors.MethodNotFound)
+
+    def test_added_namespaces_serve(self):
+        api = Api([], methods=METHODS)
+        api.add([TestNamespace()])
+        self.assertEqual(self.successResultOf(self.call(api, "Test.echo", {"value": 2})), 2)
+        # Declared without an implementation: unknown once start-up is over.
+        failure = self.failureResultOf(self.call(api, "Test.unimplemented"))
+        self.assertIsInstance(failure.value, errors.MethodNotFound)
+
+
 class SchemaTests(unittest.TestCase):
     def test_every_method_has_docs_and_unique_name(self):
         names = [m.name for m in schema.METHODS]

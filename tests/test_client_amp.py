@@ -121,17 +121,22 @@ class AmpClientTests(unittest.TestCase):
             self.assertEqual(result["params"], big)
         return self.run_async(go())
 
-    def test_recovery_in_progress_is_waited_out_by_idempotent_calls_only(self):
-        from vdsm_twisted.api.errors import RecoveryInProgress
+    def test_recovery_in_progress_is_waited_out_by_every_call(self):
+        from vdsm_twisted.client import CallTimeout
 
         async def go():
             client = await self._connect()
+            # Code 99 means "not run": even a non-idempotent call asks again.
             self.server.recovering = {"Host.getVMList": 3, "VM.destroy": 1}
             result = await client.call("Host.getVMList", timeout=10)
             self.assertEqual(result["method"], "Host.getVMList")
             self.assertEqual(self.server.recovering["Host.getVMList"], 0)
-            with self.assertRaises(RecoveryInProgress):
-                await client.call("VM.destroy", {"vmID": "x"})
+            result = await client.call("VM.destroy", {"vmID": "x"}, timeout=10)
+            self.assertEqual(self.server.recovering["VM.destroy"], 0)
+            # ... but only within its timeout.
+            self.server.recovering = {"VM.destroy": 10 ** 6}
+            with self.assertRaises(CallTimeout):
+                await client.call("VM.destroy", {"vmID": "x"}, timeout=0.5)
         return self.run_async(go())
 
     def test_api_error_rebuilt(self):

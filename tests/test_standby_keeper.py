@@ -149,7 +149,7 @@ listen_fd, ready_fd = int(sys.argv[1]), int(sys.argv[2])
 os.dup2(listen_fd, 3)
 os.dup2(ready_fd, 4)
 from vdsm_twisted.continuity import standby
-result = standby.wait_for_takeover(warm=())
+result = standby.wait_for_takeover(warm=lambda: None)
 print(json.dumps(result), flush=True)
 """
 

@@ -3,11 +3,19 @@ The agent's service tree: what runs, in which order, and how it reloads.
 
     AgentService (MultiService)
       ├── HostStatsSampler     background host sampling into a cache
-      ├── PrivdClient          AMP to privd, reconnecting with backoff
-      ├── QemuDriver           VMs as our own QEMU children (state in run_dir)
-      ├── VmStatsSampler       background VM sampling into each VM's cache
+      ├── vm side (MultiService, filled once its modules are imported)
+      │     ├── PrivdClient      AMP to privd, reconnecting with backoff
+      │     ├── QemuDriver       VMs as our own QEMU children (state in run_dir)
+      │     └── VmStatsSampler   background VM sampling into each VM's cache
       ├── EngineListenerService  mutual TLS on one port: STOMP/JSON-RPC and AMP
       └── StandbyKeeper        a warm standby agent, ready to take over on a crash
+
+Start-up imports only what serving needs: the listener adopts or binds its
+socket and answers (Host calls at once, VM and task calls code 99) while the
+VM side's modules (the driver, lxml, the privd client...) are imported in a
+thread; then the VM side is built and every VM re-attached.  After an upgrade
+exec that is what keeps the downtime near the interpreter's and Twisted's own
+import time.
 
 One agent per run dir (L{runlock}); it is taken before anything else, or
 inherited across an upgrade exec.
@@ -17,6 +25,7 @@ READY=1 goes to systemd once the listener is bound; SIGHUP reloads.
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -32,8 +41,6 @@ from vdsm_twisted.api.admin import HostAdminApi
 from vdsm_twisted.api.events import EventBus
 from vdsm_twisted.api.host import HostApi
 from vdsm_twisted.api.registry import Api
-from vdsm_twisted.api.tasks import HostTaskApi, TaskApi
-from vdsm_twisted.api.vm import HostVmApi, VmApi
 from vdsm_twisted.common import logging as vlogging
 from vdsm_twisted.common import sdnotify
 from vdsm_twisted.common.config import Config, ConfigError
@@ -42,12 +49,23 @@ from vdsm_twisted.continuity.standby import StandbyKeeper, Takeover
 from vdsm_twisted.continuity.upgrade import BLOCKED, Upgrader, exec_argv, twistd_command
 from vdsm_twisted.host.caps import CapabilitiesCache
 from vdsm_twisted.host.stats import HostStatsSampler
-from vdsm_twisted.privdclient import PrivdClient
 from vdsm_twisted.protocols.listener import EngineListenerService
 from vdsm_twisted.state.store import StateStore
-from vdsm_twisted.tasks.manager import TaskManager
-from vdsm_twisted.virt.qemu.driver import QemuDriver
-from vdsm_twisted.virt.stats import VmStatsSampler
+
+#: Imported off the reactor thread while the listener already serves.
+VM_SIDE_MODULES = (
+    "vdsm_twisted.privdclient",
+    "vdsm_twisted.virt.qemu.driver",
+    "vdsm_twisted.virt.stats",
+    "vdsm_twisted.tasks.manager",
+    "vdsm_twisted.api.vm",
+    "vdsm_twisted.api.tasks",
+)
+
+
+def import_vm_side() -> None:
+    for name in VM_SIDE_MODULES:
+        importlib.import_module(name)
 
 
 class AgentService(MultiService):
@@ -68,26 +86,17 @@ class AgentService(MultiService):
         self.capabilities = CapabilitiesCache(config["agent", "host_uuid_file"], reactor=reactor)
         self.sampler = HostStatsSampler(config["sampling", "host_stats_interval"], clock=reactor)
         self.sampler.setServiceParent(self)
-        self.privd = PrivdClient(config["privd", "socket"],
-                                 call_timeout=config["privd", "call_timeout"],
-                                 max_delay=config["privd", "reconnect_max_delay"],
-                                 reactor=reactor)
-        self.privd.setServiceParent(self)
         self.store = StateStore(os.path.join(config["agent", "run_dir"], "state"), reactor=reactor)
-        self.driver = QemuDriver(reactor, config, self.bus, self.privd, self.store)
-        self.driver.setServiceParent(self)
-        self.tasks = TaskManager(self.store, self.bus, clock=reactor)
-        self.driver.tasks = self.tasks
-        self.vm_sampler = VmStatsSampler(self.driver.list, config["sampling", "vm_stats_interval"],
-                                         config["vm", "qmp_timeout"], clock=reactor)
-        self.vm_sampler.setServiceParent(self)
-        host_vms = HostVmApi(self.driver)
+        #: Built by L{_build_vm_side} once its modules are imported.
+        self.vm_side = MultiService()
+        self.vm_side.setServiceParent(self)
+        self.privd = self.driver = self.tasks = self.vm_sampler = None
+        self._host_vms = None
         self.upgrader = Upgrader(self, reactor,
                                  drain_timeout=config["agent", "upgrade_drain_timeout"])
         self.upgrader.confirm_timeout = config["agent", "upgrade_confirm_timeout"]
-        self.api = Api([HostApi(self.capabilities, self.sampler, vm_list=host_vms.vm_list),
-                        host_vms, HostAdminApi(self.upgrader), VmApi(self.driver),
-                        TaskApi(self.tasks), HostTaskApi(self.tasks)])
+        self.api = Api([HostApi(self.capabilities, self.sampler, vm_list=self._vm_list),
+                        HostAdminApi(self.upgrader)])
         self.listener = EngineListenerService(config, self.api, self.bus, reactor=reactor)
         self.listener.setServiceParent(self)
         self._previous_signals: dict[int, object] = {}
@@ -115,12 +124,58 @@ class AgentService(MultiService):
             enabled=config["agent", "standby"])
         self.standby.setServiceParent(self)
 
+    def _vm_list(self) -> list:
+        return self._host_vms.vm_list() if self._host_vms is not None else []
+
+    def _build_vm_side(self) -> None:
+        """The driver and everything VMs need (their modules are imported by now)."""
+        from vdsm_twisted.api.tasks import HostTaskApi, TaskApi
+        from vdsm_twisted.api.vm import HostVmApi, VmApi
+        from vdsm_twisted.privdclient import PrivdClient
+        from vdsm_twisted.tasks.manager import TaskManager
+        from vdsm_twisted.virt.qemu.driver import QemuDriver
+        from vdsm_twisted.virt.stats import VmStatsSampler
+
+        config, reactor = self.config, self._reactor
+        self.privd = PrivdClient(config["privd", "socket"],
+                                 call_timeout=config["privd", "call_timeout"],
+                                 max_delay=config["privd", "reconnect_max_delay"],
+                                 reactor=reactor)
+        self.privd.setServiceParent(self.vm_side)
+        self.driver = QemuDriver(reactor, config, self.bus, self.privd, self.store)
+        self.driver.setServiceParent(self.vm_side)
+        self.tasks = TaskManager(self.store, self.bus, clock=reactor)
+        self.driver.tasks = self.tasks
+        self.vm_sampler = VmStatsSampler(self.driver.list, config["sampling", "vm_stats_interval"],
+                                         config["vm", "qmp_timeout"], clock=reactor)
+        self.vm_sampler.setServiceParent(self.vm_side)
+        self._host_vms = HostVmApi(self.driver)
+        self.api.add([self._host_vms, VmApi(self.driver), TaskApi(self.tasks),
+                      HostTaskApi(self.tasks)])
+
+    def _load_vm_side(self) -> defer.Deferred:
+        if all(name in sys.modules for name in VM_SIDE_MODULES):
+            loaded = defer.succeed(None)  # a warm standby imported them already
+        else:
+            loaded = threads.deferToThread(import_vm_side)
+        loaded.addCallback(lambda _: self._build_vm_side())
+        loaded.addErrback(self._no_vm_side)
+        loaded.addCallback(lambda _: self._vdsm_hook("before_vdsm_start"))
+        loaded.addCallback(lambda _: self._recover())
+        return loaded
+
+    def _no_vm_side(self, failure: Failure):
+        # Serving Host calls alone, VM calls 99 forever, is no agent: stop (and
+        # be restarted, or fall back to the previous build after an upgrade).
+        self.log.failure("cannot load the VM driver; stopping", failure)
+        self._reactor.callLater(0, self._reactor.stop)
+        return failure
+
     def startService(self):
         runlock.mark(self.lock_fd)  # twistd may have daemonized since makeService
         self.store.start()
         self.api.recovering = True
         super().startService()
-        self._vdsm_hook("before_vdsm_start")
         for signum, handler in ((signal.SIGHUP, self.reload),
                                 (signal.SIGUSR2, self._upgrade_signal)):
             self._previous_signals[signum] = signal.signal(
@@ -128,17 +183,17 @@ class AgentService(MultiService):
         d = defer.maybeDeferred(lambda: self.listener.listening)
         d.addCallback(self._serving)
         d.addErrback(self._failed_to_listen)
-        # Accepting starts as soon as startService returns; VMs are re-attached
-        # on the next turn (VM calls answer code 99 until then).
-        recovered = defer.Deferred()
-        self._reactor.callLater(0, lambda: self._recover().chainDeferred(recovered))
+        # Accepting starts as soon as startService returns; the VM side is
+        # loaded meanwhile and VMs re-attached (VM calls answer code 99 until then).
+        recovered = self._load_vm_side()
         settled = defer.gatherResults([recovered, d], consumeErrors=True)
         if self.handoff is not None:
             # Serving and every VM re-attached: the upgrade is confirmed.
             settled.addCallback(lambda _: handoff.confirm(self.handoff_path))
+        settled.addCallback(lambda _: self._vdsm_hook("after_vdsm_start"))
         # A standby only once this agent is whole (it would recover the same VMs).
         settled.addCallback(lambda _: self.standby.spawn())
-        settled.addErrback(lambda f: None)
+        settled.addErrback(lambda f: self.log.failure("agent start-up failed", f))
         snap = threads.deferToThread(codeid.snapshot,
                                      os.path.join(self.config["agent", "run_dir"], "code"))
         snap.addCallback(lambda path: setattr(self.upgrader, "snapshot", path))
@@ -191,7 +246,6 @@ class AgentService(MultiService):
         return listening[0]["fd"] if listening else None
 
     def _serving(self, _):
-        self._vdsm_hook("after_vdsm_start")
         if self.takeover is not None:
             self.log.info("standby: took over from agent pid {pid}; serving {ms:.0f} ms after "
                           "it died", pid=self.takeover["previous_pid"],
@@ -233,8 +287,9 @@ class AgentService(MultiService):
                 return False
             vlogging.set_level(new["agent", "log_level"])
             self.sampler.set_interval(new["sampling", "host_stats_interval"])
-            self.vm_sampler.set_interval(new["sampling", "vm_stats_interval"])
-            self.driver.configure(new)
+            if self.driver is not None:  # else it is built from the new config
+                self.vm_sampler.set_interval(new["sampling", "vm_stats_interval"])
+                self.driver.configure(new)
             self.standby.enabled = new["agent", "standby"]
             if self.standby.enabled:
                 self.standby.spawn()

@@ -41,12 +41,24 @@ class Api:
     log = Logger()
 
     def __init__(self, namespaces: Iterable[Any], methods: Iterable[Method] = METHODS):
-        impls: dict[str, list] = {}
-        for ns in namespaces:
-            impls.setdefault(ns.namespace, []).append(ns)
+        self._declared = {method.name: method for method in methods}
+        self._impls: list = []
         self.methods: dict[str, Method] = {}
         self._handlers: dict[str, Any] = {}
-        for method in methods:
+        self.add(namespaces)
+        #: True while VMs are being re-attached; VM calls answer code 99.
+        self.recovering = False
+        #: Calls running now (an upgrade drains them before it execs).
+        self.in_flight = 0
+        self._idle_waiters: list[tuple[int, defer.Deferred]] = []
+
+    def add(self, namespaces: Iterable[Any]) -> None:
+        """Serve more namespace objects (the VM side joins once it is loaded)."""
+        self._impls += list(namespaces)
+        impls: dict[str, list] = {}
+        for ns in self._impls:
+            impls.setdefault(ns.namespace, []).append(ns)
+        for method in self._declared.values():
             # Several objects may serve one namespace; the first with the verb wins.
             handler = next((getattr(impl, method.verb) for impl in impls.get(method.namespace, ())
                             if hasattr(impl, method.verb)), None)
@@ -54,11 +66,6 @@ class Api:
                 continue  # declared for a later driver; unknown until implemented
             self.methods[method.name] = method
             self._handlers[method.name] = handler
-        #: True while VMs are being re-attached; VM calls answer code 99.
-        self.recovering = False
-        #: Calls running now (an upgrade drains them before it execs).
-        self.in_flight = 0
-        self._idle_waiters: list[tuple[int, defer.Deferred]] = []
 
     def call(self, name: Any, params: Any, context: CallContext) -> defer.Deferred:
         """Run one call; the Deferred fires with its result or an L{ApiError}."""
@@ -69,6 +76,10 @@ class Api:
             raise errors.InvalidRequest("method must be a string")
         method = self.methods.get(name)
         if method is None:
+            if self.recovering and name in self._declared:
+                # Its implementation is still loading (start-up): come back soon.
+                self._declared[name].bind_params(params)
+                raise errors.RecoveryInProgress()
             raise errors.MethodNotFound(f"Method not found: {name}")
         kwargs = method.bind_params(params)
         if self.recovering and not method.during_recovery:

@@ -33,6 +33,8 @@ class Disconnected(error.ConnectionLost):
     The connection dropped while the call was in flight (or the client was
     closed): the server may or may not have run it.  Retrying is the
     caller's decision; methods marked idempotent are retried for you.
+    (Code 99, RecoveryInProgress, is retried for every method: the agent
+    answers it before running anything.)
     """
 
 
@@ -231,9 +233,11 @@ class Client:
             try:
                 return await session.call(method, params, flow_id)
             except RecoveryInProgress:
-                # A restarted or upgraded agent still re-attaching its VMs:
-                # an idempotent call just asks again shortly (within its timeout).
-                if not retry or self._closed:
+                # A starting, restarted or upgraded agent still re-attaching its
+                # VMs refuses a call before running any of it (code 99), so any
+                # call, idempotent or not, just asks again shortly (within its
+                # timeout).
+                if self._closed:
                     raise
                 await deferLater(self._clock, delay, lambda: None)
                 delay = min(delay * 2, 1.0)

@@ -22,8 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         import twisted.plugins.vdsm_twisted_plugins  # noqa: F401  (the twistd entry)
-        import vdsm_twisted.service  # noqa: F401  (everything the agent imports)
+        import vdsm_twisted.service  # noqa: F401  (what the agent imports to serve)
         import vdsm_twisted.tap  # noqa: F401
+        from vdsm_twisted.continuity.standby import warm_up
+
+        warm_up()  # and everything it imports later (the VM side, the standby's)
         from vdsm_twisted import config as agent_config
         from vdsm_twisted.state.store import decode
 

@@ -50,9 +50,9 @@ ENV = "VDSM_TWISTED_STANDBY"
 CONTROL_FD, LISTEN_FD, READY_FD = 0, 3, 4
 STOP = b"q"
 
-#: Imported while standing by, so that taking over imports nothing.
+#: Imported while standing by (besides the service and its VM side), so
+#: that taking over imports nothing.
 WARM_MODULES = (
-    "vdsm_twisted.service",
     "vdsm_twisted.client",
     "vdsm_twisted.client._stomp",
     "vdsm_twisted.client._amp",
@@ -62,6 +62,14 @@ WARM_MODULES = (
     "twisted.internet.epollreactor",
     "twisted.python.logfile",
 )
+
+
+def warm_up(extra=WARM_MODULES) -> None:
+    from vdsm_twisted import service
+
+    service.import_vm_side()
+    for name in extra:
+        __import__(name)
 
 
 class Takeover(dict):
@@ -74,7 +82,7 @@ def _agent_gone(pidfd: int | None, timeout: float) -> bool:
     return bool(select.select([pidfd], [], [], timeout)[0])
 
 
-def wait_for_takeover(environ=os.environ, warm=WARM_MODULES) -> Takeover | None:
+def wait_for_takeover(environ=os.environ, warm=warm_up) -> Takeover | None:
     """Block (before the reactor runs) until the agent dies or stops us.
 
     Returns the takeover, or None when told to stop (or when the control pipe
@@ -85,8 +93,7 @@ def wait_for_takeover(environ=os.environ, warm=WARM_MODULES) -> Takeover | None:
         pidfd = os.pidfd_open(previous)
     except ProcessLookupError:
         pidfd = None  # already dead
-    for name in warm:
-        __import__(name)
+    warm()
     try:
         os.write(READY_FD, b"ready\n")
         os.close(READY_FD)

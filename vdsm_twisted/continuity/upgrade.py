@@ -119,6 +119,9 @@ class Upgrader:
         """
         if self.in_progress:
             raise UpgradeInProgress("an upgrade is already in progress")
+        if self.agent.driver is None:
+            raise UpgradeInProgress("the agent is still starting (loading its VM driver); "
+                                    "try again in a moment")
         self.in_progress = True
         try:
             digest = yield threads.deferToThread(installed_code_digest, self.installed)
