@@ -392,6 +392,9 @@ def main() -> int:
               f"sig>ex {ms(med['sig_exec'])}  exec>recovery done {ms(med['exec_rec'])}"
               f"   [round trip new {med['connect_rt'] * 1000:.1f} ms,"
               f" ping2 {med['persistent_rt'] * 1000:.1f} ms; new-connection failures {fails}]")
+        kinds = sorted({f.split(" ", 1)[1][:90] for r in rs for f in r["connect_fail"]})
+        if kinds:
+            print(f"           new-connection failures seen: {'; '.join(kinds[:3])}")
         if count in quiet:
             waited, rate = quiet[count]
             print(f"           guests went quiet {waited:.0f} s after start; idle, all {count} "
