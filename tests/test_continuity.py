@@ -174,8 +174,7 @@ class UpgradeTests(ContinuityBase):
         ids = yield self.start_vms(client, 2)
         pids = {vm_id: qemu_pids(vm_id) for vm_id in ids}
         agent_pid = self.stack.agent.pid
-        yield self.wait_log("serving on port")
-        yield sleep(0.5)  # the code snapshot (the fallback) is taken in a thread
+        yield self.wait_log("upgrade fallback ready")
         self.install_new_build(crashing=True)
         os.kill(agent_pid, signal.SIGUSR2)
         yield self.wait_log("falling back to the previous build")

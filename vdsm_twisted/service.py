@@ -12,8 +12,8 @@ The agent's service tree: what runs, in which order, and how it reloads.
 
 Start-up imports only what serving needs: the listener adopts or binds its
 socket and answers (Host calls at once, VM and task calls code 99) while the
-VM side's modules (the driver, lxml, the privd client...) are imported in a
-thread; then the VM side is built and every VM re-attached.  After an upgrade
+VM side's modules (the driver, lxml, the privd client...) are imported, one
+per reactor turn; then the VM side is built and every VM re-attached.  After an upgrade
 exec that is what keeps the downtime near the interpreter's and Twisted's own
 import time.
 
@@ -52,9 +52,19 @@ from vdsm_twisted.host.stats import HostStatsSampler
 from vdsm_twisted.protocols.listener import EngineListenerService
 from vdsm_twisted.state.store import StateStore
 
-#: Imported off the reactor thread while the listener already serves.
+#: Imported after the listener serves, one per reactor turn (I/O is handled in
+#: between), leaves first so that no single step is long.
 VM_SIDE_MODULES = (
+    "twisted.application.internet",
     "vdsm_twisted.privdclient",
+    "lxml.etree",
+    "vdsm_twisted.virt.domxml",
+    "vdsm_twisted.virt.qemu.argv",
+    "vdsm_twisted.virt.qemu.qmp",
+    "vdsm_twisted.children.process",
+    "vdsm_twisted.hooks",
+    "vdsm_twisted.virt.qemu.vm",
+    "vdsm_twisted.virt.qemu.migration",
     "vdsm_twisted.virt.qemu.driver",
     "vdsm_twisted.virt.stats",
     "vdsm_twisted.tasks.manager",
@@ -66,6 +76,35 @@ VM_SIDE_MODULES = (
 def import_vm_side() -> None:
     for name in VM_SIDE_MODULES:
         importlib.import_module(name)
+
+
+def import_stepwise(reactor, names) -> defer.Deferred:
+    """Import C{names} one per reactor turn; fires when all are imported.
+
+    Not in a thread: an import holds the GIL for most of its run, so a thread
+    would only slow the serving reactor down by switching back and forth.
+    """
+    pending = [name for name in names if name not in sys.modules]
+    done: defer.Deferred = defer.Deferred()
+
+    def step():
+        while pending and pending[0] in sys.modules:
+            pending.pop(0)
+        if not pending:
+            done.callback(None)
+            return
+        try:
+            importlib.import_module(pending.pop(0))
+        except BaseException:  # noqa: BLE001 - a broken build: the caller stops
+            done.errback()
+            return
+        reactor.callLater(0, step)
+
+    if pending:
+        reactor.callLater(0, step)
+    else:
+        done.callback(None)  # a warm standby imported them already
+    return done
 
 
 class AgentService(MultiService):
@@ -154,10 +193,7 @@ class AgentService(MultiService):
                       HostTaskApi(self.tasks)])
 
     def _load_vm_side(self) -> defer.Deferred:
-        if all(name in sys.modules for name in VM_SIDE_MODULES):
-            loaded = defer.succeed(None)  # a warm standby imported them already
-        else:
-            loaded = threads.deferToThread(import_vm_side)
+        loaded = import_stepwise(self._reactor, VM_SIDE_MODULES)
         loaded.addCallback(lambda _: self._build_vm_side())
         loaded.addErrback(self._no_vm_side)
         loaded.addCallback(lambda _: self._vdsm_hook("before_vdsm_start"))
@@ -193,13 +229,21 @@ class AgentService(MultiService):
         settled.addCallback(lambda _: self._vdsm_hook("after_vdsm_start"))
         # A standby only once this agent is whole (it would recover the same VMs).
         settled.addCallback(lambda _: self.standby.spawn())
+        # The fallback for a later upgrade, once start-up no longer needs the CPU.
+        settled.addCallback(lambda _: self._snapshot_code())
         settled.addErrback(lambda f: self.log.failure("agent start-up failed", f))
+
+    def _snapshot_code(self) -> None:
         snap = threads.deferToThread(codeid.snapshot,
                                      os.path.join(self.config["agent", "run_dir"], "code"))
-        snap.addCallback(lambda path: setattr(self.upgrader, "snapshot", path))
+        snap.addCallback(self._snapshot_taken)
         snap.addErrback(lambda f: self.log.warn(
             "no snapshot of the running code ({e}): an upgrade will have no fallback",
             e=f.getErrorMessage()))
+
+    def _snapshot_taken(self, path: str) -> None:
+        self.upgrader.snapshot = path
+        self.log.info("upgrade fallback ready: the running code is kept in {path}", path=path)
 
     def _recover(self) -> defer.Deferred:
         """Re-attach VMs (and then tasks); after an upgrade, settle the inherited fds."""
