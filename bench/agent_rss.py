@@ -97,7 +97,7 @@ def main() -> int:
     try:
         h.progress("starting privd and the agent")
         agent = h.Agent(vm_stats_interval=INTERVAL, host_stats_interval=INTERVAL,
-                        standby=True).start()
+                        standby=os.environ.get("BENCH_STANDBY", "1") == "1").start()
 
         async def go():
             result.update(await measure(agent, args.vms))

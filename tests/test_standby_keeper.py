@@ -207,3 +207,4 @@ class WaitForTakeoverTests(unittest.TestCase):
         result = self.result()
         self.assertEqual(result["previous_pid"], self.agent.pid)
         self.assertEqual(result["listening"], {"fd": 3, "family": 2, "name": "engine"})
+

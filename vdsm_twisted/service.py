@@ -42,6 +42,7 @@ from vdsm_twisted.api.events import EventBus
 from vdsm_twisted.api.host import HostApi
 from vdsm_twisted.api.registry import Api
 from vdsm_twisted.common import logging as vlogging
+from vdsm_twisted.common import memory as vmemory
 from vdsm_twisted.common import sdnotify
 from vdsm_twisted.common.config import Config, ConfigError
 from vdsm_twisted.continuity import codeid, handoff, runlock
@@ -244,6 +245,7 @@ class AgentService(MultiService):
     def _snapshot_taken(self, path: str) -> None:
         self.upgrader.snapshot = path
         self.log.info("upgrade fallback ready: the running code is kept in {path}", path=path)
+        vmemory.release_free_heap()
 
     def _recover(self) -> defer.Deferred:
         """Re-attach VMs (and then tasks); after an upgrade, settle the inherited fds."""

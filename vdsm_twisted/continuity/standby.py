@@ -94,6 +94,9 @@ def wait_for_takeover(environ=os.environ, warm=warm_up) -> Takeover | None:
     except ProcessLookupError:
         pidfd = None  # already dead
     warm()
+    from vdsm_twisted.common.memory import release_free_heap
+
+    release_free_heap()  # waiting costs what the imports keep, not what they freed
     try:
         os.write(READY_FD, b"ready\n")
         os.close(READY_FD)
