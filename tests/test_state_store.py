@@ -80,3 +80,25 @@ def test_twistd_args_from_every_kind_of_launch():
         == ["--nodaemon", "--pidfile=", "vdsm", "--config", "/c"]
     assert exec_argv(["python", "/usr/bin/twistd", "-n", "--pidfile=/p", "-l", "/l", "vdsm"]) \
         == ["-l", "/l", "--nodaemon", "--pidfile=", "vdsm"]
+
+
+def test_save_now_skips_a_document_already_on_disk(tmp_path):
+    from vdsm_twisted.state.store import StateStore
+
+    store = StateStore(str(tmp_path))
+    path = tmp_path / "vm" / "a.json"
+    assert store.save_now("vm", "a", {"x": 1}) is True
+    mtime = path.stat().st_mtime_ns
+    assert store.save_now("vm", "a", {"x": 1}) is False  # same bytes: not rewritten
+    assert path.stat().st_mtime_ns == mtime
+    assert store.save_now("vm", "a", {"x": 2}) is True
+    # A document loaded from disk counts as written (an upgraded image's first handoff).
+    fresh = StateStore(str(tmp_path))
+    [loaded], _ = fresh.load_all("vm")
+    assert loaded.data == {"x": 2}
+    assert fresh.save_now("vm", "a", {"x": 2}) is False
+    # Once removed, the same document is written again.
+    fresh._remove_sync(str(path))
+    assert not path.exists()
+    assert fresh.save_now("vm", "a", {"x": 2}) is True
+    assert path.exists()

@@ -297,8 +297,15 @@ class AgentService(MultiService):
                           "it died", pid=self.takeover["previous_pid"],
                           ms=(time.time() - self.takeover["at"]) * 1000)
         if self.handoff is not None and "exec_time" in self.handoff:
+            now = time.time()
             self.log.info("upgrade downtime: {ms:.0f} ms from exec to serving again",
-                          ms=(time.time() - self.handoff["exec_time"]) * 1000)
+                          ms=(now - self.handoff["exec_time"]) * 1000)
+            if self.handoff.get("paused_time"):
+                self.log.info("upgrade: not accepting for {total:.0f} ms ({before:.0f} ms "
+                              "draining and saving before the exec)",
+                              total=(now - self.handoff["paused_time"]) * 1000,
+                              before=(self.handoff["exec_time"]
+                                      - self.handoff["paused_time"]) * 1000)
         self.log.info("vdsm-twisted agent serving on port {port} (config: {source})",
                       port=self.listener.port, source=self.config.source)
         sdnotify.ready(f"serving on port {self.listener.port}")

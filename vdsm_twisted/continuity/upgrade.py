@@ -108,6 +108,8 @@ class Upgrader:
         #: Seconds the new image has to confirm before the launcher falls back.
         self.confirm_timeout = 60.0
         self.in_progress = False
+        #: When accepting stopped (wall clock), for the new image's downtime line.
+        self.paused_time: float | None = None
         #: Replaced in tests; the real thing never returns.
         self.execv = os.execv
 
@@ -141,6 +143,7 @@ class Upgrader:
                 return "refused: " + why
             self.log.info("upgrade: draining")
             self.agent.listener.pause_accepting()
+            self.paused_time = time.time()
             drained = self.agent.api.idle(allowed=own_calls)
             drained.addTimeout(self.drain_timeout, self.reactor)
             try:
@@ -219,7 +222,8 @@ class Upgrader:
             path = os.path.join(self.agent.config["agent", "run_dir"], "handoff.json")
             handoff.write(path, self.agent.listener.handoff(), children,
                           {"reason": "upgrade", "signals": recorded, "exec_time": time.time(),
-                           "lock_fd": self.agent.lock_fd}, keep=[self.agent.lock_fd])
+                           "paused_time": self.paused_time, "lock_fd": self.agent.lock_fd},
+                          keep=[self.agent.lock_fd])
             args = exec_argv(sys.orig_argv)
             if self.snapshot is not None:
                 launcher = os.path.join(self.snapshot, "vdsm_twisted", "continuity", "launcher.py")

@@ -127,6 +127,10 @@ class StateStore:
         self.directory = directory
         self._pool = ThreadPool(minthreads=0, maxthreads=1, name="state-writer")
         self._started = False
+        #: path -> the bytes on disk as far as we know (written or loaded by us):
+        #: a save of the same bytes is skipped, which keeps an upgrade's exec
+        #: window from rewriting (and fsyncing) every unchanged VM document.
+        self._on_disk: dict[str, bytes] = {}
 
     def _path(self, kind: str, key: str) -> str:
         if not key or "/" in key or key.startswith(".") or "/" in kind:
@@ -150,18 +154,30 @@ class StateStore:
         path = self._path(kind, key)
         return threads.deferToThreadPool(self._reactor, self._pool, self._save_sync, path, payload)
 
-    def save_now(self, kind: str, key: str, data: dict) -> None:
-        """Blocking write, for the moment just before an exec."""
-        self._save_sync(self._path(kind, key), encode(kind, key, data))
+    def save_now(self, kind: str, key: str, data: dict) -> bool:
+        """Blocking write, for the moment just before an exec (after L{stop}:
+        no background write is pending).  False when the file already holds
+        exactly this document."""
+        path, payload = self._path(kind, key), encode(kind, key, data)
+        if self._on_disk.get(path) == payload:
+            return False
+        self._save_sync(path, payload)
+        return True
 
-    @staticmethod
-    def _save_sync(path: str, payload: bytes) -> None:
+    def _save_sync(self, path: str, payload: bytes) -> None:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        self._on_disk.pop(path, None)
         write_atomic(path, payload)
+        self._on_disk[path] = payload
 
     def remove(self, kind: str, key: str) -> defer.Deferred:
         path = self._path(kind, key)
-        return threads.deferToThreadPool(self._reactor, self._pool, _unlink_quietly, path)
+        self._on_disk.pop(path, None)
+        return threads.deferToThreadPool(self._reactor, self._pool, self._remove_sync, path)
+
+    def _remove_sync(self, path: str) -> None:
+        self._on_disk.pop(path, None)
+        _unlink_quietly(path)
 
     def load_all(self, kind: str) -> tuple[list[Loaded], list[tuple[str, StateError]]]:
         """Every readable document of C{kind}, and the files that were refused."""
@@ -180,10 +196,12 @@ class StateStore:
                 continue
             try:
                 with open(path, "rb") as f:
-                    loaded = decode(f.read(1 << 22), kind)
+                    raw = f.read(1 << 22)
+                loaded = decode(raw, kind)
                 if loaded.key != name[:-5]:
                     raise StateError(f"key {loaded.key!r} does not match the file name")
                 good.append(loaded)
+                self._on_disk[path] = raw
             except (OSError, StateError) as e:
                 err = e if isinstance(e, StateError) else StateError(str(e))
                 log.warn("state file {path} refused: {error}", path=path, error=str(err))
