@@ -44,6 +44,7 @@ from vdsm_twisted.api.registry import Api
 from vdsm_twisted.common import logging as vlogging
 from vdsm_twisted.common import memory as vmemory
 from vdsm_twisted.common import sdnotify
+from vdsm_twisted.common.slicing import run_sliced
 from vdsm_twisted.common.config import Config, ConfigError
 from vdsm_twisted.continuity import codeid, handoff, runlock
 from vdsm_twisted.continuity.standby import StandbyKeeper, Takeover
@@ -80,32 +81,9 @@ def import_vm_side() -> None:
 
 
 def import_stepwise(reactor, names) -> defer.Deferred:
-    """Import C{names} one per reactor turn; fires when all are imported.
-
-    Not in a thread: an import holds the GIL for most of its run, so a thread
-    would only slow the serving reactor down by switching back and forth.
-    """
-    pending = [name for name in names if name not in sys.modules]
-    done: defer.Deferred = defer.Deferred()
-
-    def step():
-        while pending and pending[0] in sys.modules:
-            pending.pop(0)
-        if not pending:
-            done.callback(None)
-            return
-        try:
-            importlib.import_module(pending.pop(0))
-        except BaseException:  # noqa: BLE001 - a broken build: the caller stops
-            done.errback()
-            return
-        reactor.callLater(0, step)
-
-    if pending:
-        reactor.callLater(0, step)
-    else:
-        done.callback(None)  # a warm standby imported them already
-    return done
+    """Import C{names} one per reactor turn; fires when all are imported."""
+    return run_sliced(reactor, (importlib.import_module(name) for name in names
+                                if name not in sys.modules), budget=0)
 
 
 class AgentService(MultiService):
@@ -249,7 +227,15 @@ class AgentService(MultiService):
 
     def _recover(self) -> defer.Deferred:
         """Re-attach VMs (and then tasks); after an upgrade, settle the inherited fds."""
-        recovered = self.driver.recover(self.handoff["children"] if self.handoff else None)
+        recovered = self.driver.recover(self.handoff["children"] if self.handoff else None,
+                                        claimed=self._children_claimed)
+        # Tasks after the VMs: a task's resumer may need its VM.
+        recovered.addBoth(lambda r: self.tasks.recover().addBoth(lambda _: r))
+        recovered.addBoth(self._recovered)
+        return recovered
+
+    def _children_claimed(self) -> None:
+        """Every VM was looked at: inherited fds nobody claimed can go, signals come in."""
         if self.handoff is not None:
             claimed = self.driver.claimed_fds | {fd["fd"] for fd in self.handoff["listening"]}
             claimed.add(self.lock_fd)
@@ -264,10 +250,6 @@ class AgentService(MultiService):
                               sig=signal.Signals(signum).name)
                 os.kill(os.getpid(), signum)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
-        # Tasks after the VMs: a task's resumer may need its VM.
-        recovered.addBoth(lambda r: self.tasks.recover().addBoth(lambda _: r))
-        recovered.addBoth(self._recovered)
-        return recovered
 
     def _recovered(self, result):
         self.api.recovering = False

@@ -12,7 +12,7 @@ import hashlib
 import os
 import shutil
 import socket
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import attr
 
@@ -24,6 +24,7 @@ from zope.interface import implementer
 from vdsm_twisted.api import errors
 from vdsm_twisted.children import scan
 from vdsm_twisted.children.process import Child, Identity, IdentityMismatch
+from vdsm_twisted.common.slicing import run_sliced
 from vdsm_twisted.virt import domxml
 from vdsm_twisted.virt import status as st
 from vdsm_twisted.virt.interfaces import IVmDriver
@@ -308,13 +309,17 @@ class QemuDriver(Service):
         return {"migrationPort": port, "params": vm.definition()}
 
     # -- recovery: crash restart and upgrade re-exec
-    def recover(self, inherited: Mapping[str, dict] | None = None) -> defer.Deferred:
+    def recover(self, inherited: Mapping[str, dict] | None = None,
+                claimed: Callable[[], None] | None = None) -> defer.Deferred:
         """Re-attach every VM that kept running while this agent was away.
 
         C{inherited}: vm id -> child state whose fds are open in this process
         (an upgrade re-exec); otherwise children are found through the state
         documents (pid + start time + exe), or, where a document is missing or
         corrupt, through /proc (our uuid and run directory on the command line).
+        VMs are taken a slice per reactor turn (the API keeps answering);
+        C{claimed} is called once every VM was looked at (every inherited fd
+        that will be used is claimed), before their monitors have answered.
         """
         inherited = dict(inherited or {})
         docs, refused = self.store.load_all(STATE_KIND)
@@ -323,30 +328,37 @@ class QemuDriver(Service):
         if os.path.isdir(self.vms_dir):
             ids |= {name for name in os.listdir(self.vms_dir) if _looks_like_uuid(name)}
         ids |= set(inherited)
-        found = None
-        adoptions = []
-        for vm_id in sorted(ids):
+        adoptions: list[defer.Deferred] = []
+        found: dict | None = None
+
+        def one(vm_id):
+            nonlocal found
             doc = by_id.get(vm_id)
             if doc is None or vm_id in inherited:
                 pass
             elif not doc.data.get("active") or not doc.data.get("child"):
                 self._discard(vm_id)
-                continue
+                return
             if doc is None and vm_id not in inherited:
                 if found is None:
                     found = scan.find_qemus(self.vms_dir)
                 if vm_id not in found:
                     self._discard(vm_id)
-                    continue
+                    return
             try:
                 d = self._recover_one(vm_id, doc, inherited.get(vm_id),
                                       found.get(vm_id) if found else None)
             except Exception:
                 self.log.failure("VM {vm}: recovery failed; left alone", vm=vm_id)
-                continue
+                return
             if d is not None:
                 adoptions.append(d)
-        return defer.DeferredList(adoptions, consumeErrors=True).addCallback(
+
+        looked = run_sliced(self.reactor, (one(vm_id) for vm_id in sorted(ids)))
+        if claimed is not None:
+            looked.addCallback(lambda _: claimed())
+        looked.addCallback(lambda _: defer.DeferredList(adoptions, consumeErrors=True))
+        return looked.addCallback(
             lambda _: self.log.info("recovery done: {n} VM(s) re-attached",
                                     n=sum(1 for vm in self.vms.values() if not vm.is_down)))
 
