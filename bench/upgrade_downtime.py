@@ -211,6 +211,10 @@ def one_upgrade(agent: h.Agent, ids: list[str], qemu: dict[str, int], n_done: in
             p.kill()
     own = float(re.findall(r"upgrade downtime: (\d+) ms", agent.log())[n_done])
     out = {"agent": own / 1000, "t_sig": t_sig}
+    closed = re.findall(r"not accepting for (\d+) ms \((\d+) ms", agent.log())
+    if len(closed) > n_done:  # the agent's own figure of the whole closed window
+        out["closed"] = float(closed[n_done][0]) / 1000
+        out["pre_exec"] = float(closed[n_done][1]) / 1000
     if exec_wall is not None:
         out["sig_exec"] = wall_to_mono(exec_wall) - t_sig
         out["exec_rec"] = t_rec - wall_to_mono(exec_wall)
@@ -381,10 +385,15 @@ def main() -> int:
     print("  conn   = longest gap between Host.ping2 answers of a connected client (reconnects)")
     print("  sig>ex = SIGUSR2 -> exec (drain, preflight subprocess, save): the listener does not")
     print("           accept meanwhile, so 'new' includes it")
+    print("  closed = the agent's own figure of the whole time it did not accept (drain and")
+    print("           save before the exec + exec -> serving), and the part before the exec")
     for count, rs in results.items():
         med = {k: h.median(r[k] for r in rs if k in r) for k in
                ("agent", "connect", "persistent", "sig_exec", "exec_rec", "connect_rt",
                 "persistent_rt")}
+        if all("closed" in r for r in rs):
+            print(f"  {count:3d} VMs: closed median {ms(h.median(r['closed'] for r in rs))} "
+                  f"(of which before the exec {ms(h.median(r['pre_exec'] for r in rs))})")
         fails = sum(len(r["connect_fail"]) for r in rs)
         print(f"  {count:3d} VMs: agent median {ms(med['agent'])} "
               f"(min {ms(min(r['agent'] for r in rs))}, max {ms(max(r['agent'] for r in rs))})"

@@ -139,12 +139,21 @@ class UpgradeTests(ContinuityBase):
         answer = yield client.call("Host.upgrade")
         self.assertEqual(answer["status"]["message"], "reloaded")
         yield self.wait_log("did not change: reloading instead")
+        yield sleep(2.1)
+        [before] = yield client.call("VM.getStats", {"vmID": vm_id})
         self.install_new_build()
         answer = yield client.call("Host.upgrade")
         self.assertEqual(answer["status"]["message"], "upgrading")
         yield self.wait_log("upgrade: new image adopted the listening socket")
         info = yield client.call("VM.getInfo", {"vmID": vm_id})
         self.assertEqual(info["status"], "Up")
+        # Re-attaching is no status change, and the VM did not restart.
+        [after] = yield client.call("VM.getStats", {"vmID": vm_id})
+        self.assertEqual(after["statusTime"], before["statusTime"])
+        self.assertGreaterEqual(int(after["elapsedTime"]), int(before["elapsedTime"]))
+        self.assertGreaterEqual(int(after["elapsedTime"]), 2)
+        # Nothing changed, so nothing was rewritten in the exec window.
+        self.assertIn("state (0 written)", self.stack.read_log("vdsm"))
         # The package post-install step: vdsm-twisted-tool upgrade (over the API).
         self.install_new_build()
         proc = yield deferToThread(subprocess.run, [

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import time
 from typing import Mapping, Sequence
 
 import attr
@@ -44,6 +45,11 @@ def start_time(pid: int) -> int | None:
     # The command name may hold spaces or parentheses: split after the last ')'.
     fields = data[data.rindex(b")") + 2:].split()
     return int(fields[19])
+
+
+def seconds_since(start_ticks: int) -> float:
+    """How long ago a process started, from its /proc start time (ticks since boot)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 @attr.frozen

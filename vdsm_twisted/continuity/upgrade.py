@@ -207,18 +207,30 @@ class Upgrader:
         previous = {sig: signal.signal(sig, lambda s, _f: recorded.append(s))
                     for sig in BLOCKED - {signal.SIGCHLD}}
         pool = getattr(self.reactor, "threadpool", None)
+        steps: list[str] = []
+        mark = time.monotonic()
+
+        def step(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            steps.append(f"{name} {(now - mark) * 1000:.0f}")
+            mark = now
         try:
             # Clients are dropped (TLS state cannot cross an exec); they reconnect.
             yield self.agent.listener.close_connections(timeout=1.0)
+            step("clients")
             # The standby runs the old code: it goes; the new image starts its own.
             yield self.agent.standby.pause()
+            step("standby")
             self.agent.driver.release_monitors()
             self.agent.store.stop()
             if pool is not None:
                 pool.stop()  # no thread may take a signal meant for the next image
+            step("monitors+threads")
             signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
             children = self.agent.driver.prepare_handoff()
             self.agent.tasks.persist_now()
+            step(f"state ({self.agent.driver.handoff_writes} written)")
             path = os.path.join(self.agent.config["agent", "run_dir"], "handoff.json")
             handoff.write(path, self.agent.listener.handoff(), children,
                           {"reason": "upgrade", "signals": recorded, "exec_time": time.time(),
@@ -235,7 +247,9 @@ class Upgrader:
             os.environ[codeid.INSTALLED_ENV] = os.pathsep.join(self.installed)
             if ORIG_PYTHONPATH in os.environ:  # running a fallback snapshot: back to normal
                 os.environ["PYTHONPATH"] = os.environ.pop(ORIG_PYTHONPATH)
-            self.log.info("upgrade: exec {argv}", argv=" ".join(argv))
+            step("handoff")
+            self.log.info("upgrade: exec {argv} (ms spent: {steps})", argv=" ".join(argv),
+                          steps=", ".join(steps))
             self.execv(sys.executable, argv)
         except Exception:
             self.log.failure("upgrade: exec failed; the old image keeps serving")

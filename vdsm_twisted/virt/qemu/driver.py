@@ -75,6 +75,8 @@ class QemuDriver(Service):
         self.spice_available = False
         #: Inherited fds taken over by adopted children (after an upgrade re-exec).
         self.claimed_fds: set[int] = set()
+        #: State documents the last L{prepare_handoff} had to rewrite.
+        self.handoff_writes = 0
         #: The agent's TaskManager (long operations are tasks), when wired.
         self.tasks = None
         self.configure(config)
@@ -365,10 +367,11 @@ class QemuDriver(Service):
     def prepare_handoff(self) -> dict[str, dict]:
         """Just before an exec: every running child's state, saved synchronously."""
         children = {}
+        self.handoff_writes = 0
         for vm in self.vms.values():
             if vm.child is not None and vm.child.running:
                 children[vm.id] = vm.child.to_state()
-                self.store.save_now(STATE_KIND, vm.id, vm.to_state())
+                self.handoff_writes += self.store.save_now(STATE_KIND, vm.id, vm.to_state())
         return children
 
     def release_monitors(self) -> None:
@@ -429,7 +432,8 @@ class QemuDriver(Service):
             self._discard(vm_id)
             return None
         self.vms[vm_id] = vm
-        return vm.adopt(child, data.get("status", st.UP), taps, data.get("cdrom_path"))
+        return vm.adopt(child, data.get("status", st.UP), taps, data.get("cdrom_path"),
+                        status_time=data.get("status_time"))
 
     @defer.inlineCallbacks
     def destroy(self, vm_id: str, grace: float | None = None):

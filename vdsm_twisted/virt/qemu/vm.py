@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any
 
 from twisted.internet import defer
@@ -22,7 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from vdsm_twisted.api import errors
-from vdsm_twisted.children.process import Child, ExitStatus, spawn
+from vdsm_twisted.children.process import Child, ExitStatus, seconds_since, spawn
 from vdsm_twisted.virt import status as st
 from vdsm_twisted.virt.qemu import qmp as qmplib
 from vdsm_twisted.virt.qemu.argv import build_argv
@@ -82,10 +83,19 @@ class QemuVm(VmBase):
 
     # -- adoption (crash restart or upgrade re-exec)
     @defer.inlineCallbacks
-    def adopt(self, child: Child, status: str, taps: list[str], cdrom_path: str | None):
-        """Take over a QEMU that kept running while the agent was away."""
+    def adopt(self, child: Child, status: str, taps: list[str], cdrom_path: str | None,
+              status_time: int | None = None):
+        """Take over a QEMU that kept running while the agent was away.
+
+        Its statusTime and elapsedTime carry on (from the state and from the
+        process's start time): re-attaching is no status change.
+        """
         self.child = child
         self.pid = child.pid
+        if status_time is not None:
+            self.status_time = status_time
+        if child.identity.start_time:
+            self.started_at = time.monotonic() - seconds_since(child.identity.start_time)
         self.taps = list(taps)
         self.cdrom_path = cdrom_path
         self.status = status if status in st.RUNNING else st.POWERING_UP
