@@ -29,10 +29,13 @@ def sleep(seconds):
 
 
 def ticks(path: Path) -> list[int]:
+    """The guest's tick numbers, from complete lines only (a line being
+    written may read "TICK 1" on its way to "TICK 12")."""
     if not path.exists():
         return []
-    return [int(line.split()[1]) for line in path.read_text(errors="replace").splitlines()
-            if line.startswith("TICK ") and line.split()[1].isdigit()]
+    lines = path.read_text(errors="replace").split("\n")[:-1]
+    return [int(line.split()[1]) for line in lines
+            if line.startswith("TICK ") and len(line.split()) > 1 and line.split()[1].isdigit()]
 
 
 class MigrationBase(unittest.TestCase):
@@ -135,8 +138,19 @@ class MigrationTests(MigrationBase):
         self.assertNotIn(src_pid, qemu_pids(vm_id))
         self.assertEqual(len(qemu_pids(vm_id)), 1)
         # The guest's own memory came along: its tick counter goes on from
-        # where it was on the source, in the destination's serial log.
-        before = ticks(self.src.vmlogs / f"{vm_id}.serial.log")
+        # where it was on the source, in the destination's serial log (once
+        # the source's last output has reached its log).
+        src_serial = self.src.vmlogs / f"{vm_id}.serial.log"
+        seen: list = []
+
+        @defer.inlineCallbacks
+        def settled():
+            yield sleep(0.3)
+            seen.append(ticks(src_serial))
+            return len(seen) > 1 and seen[-1] == seen[-2]
+
+        yield self.wait_for(settled, "the source's serial log to settle")
+        before = seen[-1]
         dst_serial = self.dst.vmlogs / f"{vm_id}.serial.log"
 
         @defer.inlineCallbacks
