@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -88,6 +88,18 @@ def _comm(pid: int) -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def react(main: Callable[[], Any]) -> None:
+    """Run the coroutine C{main()} under a fresh reactor until it ends (task.react,
+    whose clean SystemExit is swallowed; a failure still raises)."""
+    from twisted.internet import defer, task
+
+    try:
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(main()))
+    except SystemExit as e:
+        if e.code:
+            raise
 
 
 def pids_with(predicate: Callable[[int], bool]) -> list[int]:
@@ -385,6 +397,15 @@ class SyncQMP:
         if "QMP" not in greeting:
             raise QMPError(f"not a QMP greeting: {greeting}")
 
+    def _read(self) -> dict:
+        line = self.file.readline()
+        if not line:
+            raise QMPError("QMP connection closed")
+        return json.loads(line)
+
+    def on_event(self, event: dict) -> None:
+        """An event read while waiting for a reply (dropped here)."""
+
     def execute(self, command: str, arguments: dict | None = None):
         msg = {"execute": command}
         if arguments:
@@ -392,13 +413,12 @@ class SyncQMP:
         self.file.write(json.dumps(msg).encode() + b"\n")
         self.file.flush()
         while True:
-            line = self.file.readline()
-            if not line:
-                raise QMPError("QMP connection closed")
-            reply = json.loads(line)
-            if "return" in reply:
+            reply = self._read()
+            if "event" in reply:
+                self.on_event(reply)
+            elif "return" in reply:
                 return reply["return"]
-            if "error" in reply:
+            elif "error" in reply:
                 raise QMPError(f"{command}: {reply['error']}")
 
     def close(self) -> None:

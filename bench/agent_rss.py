@@ -90,7 +90,6 @@ def main() -> int:
     if os.geteuid() != 0:
         sys.exit("run as root (privd and the vdsm user need it)")
 
-    from twisted.internet import defer, task
 
     agent = None
     result: dict = {}
@@ -102,11 +101,7 @@ def main() -> int:
         async def go():
             result.update(await measure(agent, args.vms))
 
-        try:
-            task.react(lambda reactor: defer.Deferred.fromCoroutine(go()))
-        except SystemExit as e:
-            if e.code:
-                raise
+        h.react(go)
     finally:
         h.progress("cleaning up")
         if agent is not None:

@@ -390,26 +390,8 @@ class EventQMP(h.SyncQMP):
         self.events: list[dict] = []
         self.sock.settimeout(300)   # a timed-out socket file cannot be read again
 
-    def _read(self) -> dict:
-        line = self.file.readline()
-        if not line:
-            raise h.QMPError("QMP connection closed")
-        return json.loads(line)
-
-    def execute(self, command: str, arguments: dict | None = None):
-        msg = {"execute": command}
-        if arguments:
-            msg["arguments"] = arguments
-        self.file.write(json.dumps(msg).encode() + b"\n")
-        self.file.flush()
-        while True:
-            reply = self._read()
-            if "event" in reply:
-                self.events.append(reply)
-            elif "return" in reply:
-                return reply["return"]
-            elif "error" in reply:
-                raise h.QMPError(f"{command}: {reply['error']}")
+    def on_event(self, event: dict) -> None:
+        self.events.append(event)
 
     def wait_migration(self, states=("completed", "failed", "cancelled")) -> str:
         """Block until a MIGRATION event with one of C{states}; that state."""
@@ -420,7 +402,7 @@ class EventQMP(h.SyncQMP):
                     return ev["data"]["status"]
             reply = self._read()
             if "event" in reply:
-                self.events.append(reply)
+                self.on_event(reply)
 
 
 class Floor:
@@ -647,7 +629,6 @@ def main() -> int:
     if os.geteuid() != 0:
         sys.exit("run as root (privd and the vdsm user need it)")
 
-    from twisted.internet import defer, task
 
     params = {"downtime": args.downtime, "maxBandwidth": args.bandwidth}
     per_round = bandwidths(args.runs, args.bandwidth, args.jitter, args.seed)
@@ -660,16 +641,10 @@ def main() -> int:
         build_boot_image(src.stack.images / "fill.img")
         floor = Floor(src.stack.images)
 
-        def go(reactor):
-            d = defer.Deferred.fromCoroutine(run(args.runs, src, dst, floor, params, per_round))
-            d.addCallback(result.update)
-            return d
+        async def go():
+            result.update(await run(args.runs, src, dst, floor, params, per_round))
 
-        try:
-            task.react(go)
-        except SystemExit as e:
-            if e.code:
-                raise
+        h.react(go)
     finally:
         h.progress("cleaning up")
         if args.keep_logs:

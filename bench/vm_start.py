@@ -96,7 +96,6 @@ def main() -> int:
     if os.geteuid() != 0:
         sys.exit("run as root (privd, libvirtd and the vdsm user need it)")
 
-    from twisted.internet import defer, task
 
     agent = bare = lv = None
     try:
@@ -107,16 +106,10 @@ def main() -> int:
         lv = h.Libvirtd().start()
         result: dict = {}
 
-        def go(reactor):
-            d = defer.Deferred.fromCoroutine(run(args.runs, agent, bare, lv))
-            d.addCallback(result.update)
-            return d
+        async def go():
+            result.update(await run(args.runs, agent, bare, lv))
 
-        try:
-            task.react(go)
-        except SystemExit as e:
-            if e.code:
-                raise
+        h.react(go)
     finally:
         h.progress("cleaning up")
         for thing in (lv, bare, agent):

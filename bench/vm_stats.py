@@ -131,7 +131,6 @@ def main() -> int:
     if os.geteuid() != 0:
         sys.exit("run as root (privd, libvirtd and the vdsm user need it)")
 
-    from twisted.internet import defer, task
 
     agent = lv = None
     result: dict = {}
@@ -145,11 +144,7 @@ def main() -> int:
             result["agent"] = await agent_part(agent, args.vms, args.calls, args.idle)
             result["libvirt"] = await h.in_thread(libvirt_part, lv, args.vms, args.calls)
 
-        try:
-            task.react(lambda reactor: defer.Deferred.fromCoroutine(both()))
-        except SystemExit as e:
-            if e.code:
-                raise
+        h.react(both)
     finally:
         h.progress("cleaning up")
         for thing in (lv, agent):

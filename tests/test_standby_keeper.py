@@ -144,13 +144,13 @@ class StandbyKeeperTests(unittest.TestCase):
 
 
 _WAITER = """
-import json, os, socket, sys
+import attr, json, os, socket, sys
 listen_fd, ready_fd = int(sys.argv[1]), int(sys.argv[2])
 os.dup2(listen_fd, 3)
 os.dup2(ready_fd, 4)
 from vdsm_twisted.continuity import standby
 result = standby.wait_for_takeover(warm=lambda: None)
-print(json.dumps(result), flush=True)
+print(json.dumps(result and attr.asdict(result)), flush=True)
 """
 
 

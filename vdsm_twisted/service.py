@@ -128,7 +128,7 @@ class AgentService(MultiService):
             self.listener.adopt = self.handoff["listening"][0]
         self.takeover = takeover
         if takeover is not None:
-            self.listener.adopt = takeover["listening"]
+            self.listener.adopt = takeover.listening
         run_dir = config["agent", "run_dir"]
         os.makedirs(run_dir, exist_ok=True)
         if self.handoff is not None and self.handoff.get("lock_fd") is not None:
@@ -219,11 +219,12 @@ class AgentService(MultiService):
         snap.addErrback(lambda f: self.log.warn(
             "no snapshot of the running code ({e}): an upgrade will have no fallback",
             e=f.getErrorMessage()))
+        # Start-up is over (the snapshot was its last job): give its freed heap back.
+        snap.addBoth(lambda _: vmemory.release_free_heap())
 
     def _snapshot_taken(self, path: str) -> None:
         self.upgrader.snapshot = path
         self.log.info("upgrade fallback ready: the running code is kept in {path}", path=path)
-        vmemory.release_free_heap()
 
     def _recover(self) -> defer.Deferred:
         """Re-attach VMs (and then tasks); after an upgrade, settle the inherited fds."""
@@ -255,8 +256,8 @@ class AgentService(MultiService):
         self.api.recovering = False
         if self.takeover is not None:
             self.log.info("standby: every VM re-attached {ms:.0f} ms after agent pid {pid} died",
-                          ms=(time.time() - self.takeover["at"]) * 1000,
-                          pid=self.takeover["previous_pid"])
+                          ms=(time.time() - self.takeover.at) * 1000,
+                          pid=self.takeover.previous_pid)
         if isinstance(result, Failure):
             self.log.failure("VM recovery failed", result)
 
@@ -276,8 +277,8 @@ class AgentService(MultiService):
     def _serving(self, _):
         if self.takeover is not None:
             self.log.info("standby: took over from agent pid {pid}; serving {ms:.0f} ms after "
-                          "it died", pid=self.takeover["previous_pid"],
-                          ms=(time.time() - self.takeover["at"]) * 1000)
+                          "it died", pid=self.takeover.previous_pid,
+                          ms=(time.time() - self.takeover.at) * 1000)
         if self.handoff is not None and "exec_time" in self.handoff:
             now = time.time()
             self.log.info("upgrade downtime: {ms:.0f} ms from exec to serving again",
@@ -327,7 +328,8 @@ class AgentService(MultiService):
                 self.driver.configure(new)
             self.standby.enabled = new["agent", "standby"]
             if self.standby.enabled:
-                self.standby.spawn()
+                if not self.api.recovering:  # else it comes once this agent is whole
+                    self.standby.spawn()
             else:
                 self.standby.pause().addCallback(lambda _: self.standby.allow())
             self.capabilities.refresh()

@@ -37,6 +37,7 @@ import socket
 import sys
 import time
 
+import attr
 from twisted.application.service import Service
 from twisted.internet import defer, error
 from twisted.internet.protocol import ProcessProtocol
@@ -72,8 +73,15 @@ def warm_up(extra=WARM_MODULES) -> None:
         __import__(name)
 
 
-class Takeover(dict):
-    """What the standby knows when it takes over (C{previous_pid}, C{listening}, C{at})."""
+@attr.frozen
+class Takeover:
+    """What the standby knows when it takes over."""
+
+    previous_pid: int
+    #: Wall-clock time the agent was seen dead.
+    at: float
+    #: The listening socket to adopt, as a handoff names it.
+    listening: dict
 
 
 def _agent_gone(pidfd: int | None, timeout: float) -> bool:
@@ -166,12 +174,6 @@ class StandbyKeeper(Service):
         self._backoff = 1.0
         self._respawn = None
         self._paused = False
-
-    @property
-    def pid(self) -> int | None:
-        if self.process is None or self.process.transport is None:
-            return None
-        return self.process.transport.pid
 
     def spawn(self) -> None:
         """Start a standby unless one runs, it is disabled, or we are stopping."""

@@ -228,9 +228,9 @@ class Upgrader:
                 pool.stop()  # no thread may take a signal meant for the next image
             step("monitors+threads")
             signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
-            children = self.agent.driver.prepare_handoff()
+            children, written = self.agent.driver.prepare_handoff()
             self.agent.tasks.persist_now()
-            step(f"state ({self.agent.driver.handoff_writes} written)")
+            step(f"state ({written} written)")
             path = os.path.join(self.agent.config["agent", "run_dir"], "handoff.json")
             handoff.write(path, self.agent.listener.handoff(), children,
                           {"reason": "upgrade", "signals": recorded, "exec_time": time.time(),

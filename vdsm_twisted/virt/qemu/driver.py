@@ -75,8 +75,6 @@ class QemuDriver(Service):
         self.spice_available = False
         #: Inherited fds taken over by adopted children (after an upgrade re-exec).
         self.claimed_fds: set[int] = set()
-        #: State documents the last L{prepare_handoff} had to rewrite.
-        self.handoff_writes = 0
         #: The agent's TaskManager (long operations are tasks), when wired.
         self.tasks = None
         self.configure(config)
@@ -364,15 +362,15 @@ class QemuDriver(Service):
             lambda _: self.log.info("recovery done: {n} VM(s) re-attached",
                                     n=sum(1 for vm in self.vms.values() if not vm.is_down)))
 
-    def prepare_handoff(self) -> dict[str, dict]:
-        """Just before an exec: every running child's state, saved synchronously."""
-        children = {}
-        self.handoff_writes = 0
+    def prepare_handoff(self) -> tuple[dict[str, dict], int]:
+        """Just before an exec: every running child's state, saved synchronously;
+        and how many state documents had changed (were written)."""
+        children, written = {}, 0
         for vm in self.vms.values():
             if vm.child is not None and vm.child.running:
                 children[vm.id] = vm.child.to_state()
-                self.handoff_writes += self.store.save_now(STATE_KIND, vm.id, vm.to_state())
-        return children
+                written += self.store.save_now(STATE_KIND, vm.id, vm.to_state())
+        return children, written
 
     def release_monitors(self) -> None:
         for vm in self.vms.values():
